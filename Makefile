@@ -1,0 +1,35 @@
+# `make test` and `make demo` each set up .venv on their own, then run.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+# This machine carries a CPU wheel of this torch; a bare `torch` requirement would pull a CUDA build.
+TORCH := torch==2.13.0
+
+.PHONY: setup test demo lint format clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e '.[dev,wandb]'
+	touch $@
+
+setup: $(STAMP)
+
+test: setup
+	$(BIN)/pytest
+
+demo: setup
+	$(BIN)/python -m experiments.run experiment=stages_mnist
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache .ruff_cache *.egg-info
