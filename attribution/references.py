@@ -1,0 +1,118 @@
+"""References to user code (``"module:attribute"``) and named losses, as stored in manifests.
+
+A trajectory must be replayable in a fresh process, so models, datasets and losses are recorded
+as import references with JSON keyword arguments, never as pickled objects.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from attribution.errors import SpecError
+
+LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "cross_entropy": F.cross_entropy,
+    "mse": F.mse_loss,
+    "binary_cross_entropy_with_logits": F.binary_cross_entropy_with_logits,
+}
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A call to user code: ``target`` is ``"package.module:attribute"``, ``kwargs`` are JSON."""
+
+    target: str
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"target": self.target, "kwargs": _plain(self.kwargs)}
+
+    @classmethod
+    def from_dict(cls, obj: Any, where: str) -> Ref:
+        if not isinstance(obj, Mapping) or not isinstance(obj.get("target"), str):
+            raise SpecError(
+                where,
+                f"expected {{target: 'module:attr', kwargs: {{...}}}}, got {obj!r}",
+                "give a mapping with a 'target' string",
+            )
+        kwargs = obj.get("kwargs") or {}
+        if not isinstance(kwargs, Mapping):
+            raise SpecError(
+                f"{where}.kwargs",
+                f"expected a mapping, got {kwargs!r}",
+                "give keyword arguments as a mapping",
+            )
+        return cls(obj["target"], _plain(kwargs))
+
+    def key(self) -> str:
+        """A canonical string, equal for equal references (used for caching)."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def call(self) -> Any:
+        return resolve(self.target)(**self.kwargs)
+
+
+def _plain(value: Any) -> Any:
+    """Turn mappings and sequences (OmegaConf containers included) into plain JSON values."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
+        return [_plain(v) for v in value]
+    return value
+
+
+def resolve(target: str) -> Any:
+    """Import ``"package.module:attribute"`` and return the attribute."""
+    module_name, _, attr = target.partition(":")
+    if not module_name or not attr:
+        raise SpecError(
+            "target",
+            f"{target!r} is not of the form 'package.module:attribute'",
+            "write the reference as 'package.module:attribute'",
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise SpecError(
+            "target",
+            f"cannot import module {module_name!r} ({exc})",
+            "install the package that defines it or correct the reference",
+        ) from exc
+    try:
+        return getattr(module, attr)
+    except AttributeError as exc:
+        raise SpecError(
+            "target", f"module {module_name!r} has no attribute {attr!r}", "correct the reference"
+        ) from exc
+
+
+def loss_function(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """A mean-reduced loss ``loss(outputs, targets)``: a name from ``LOSSES`` or a reference."""
+    if name in LOSSES:
+        return LOSSES[name]
+    if ":" in name:
+        return resolve(name)
+    raise SpecError(
+        "loss",
+        f"unknown loss {name!r}",
+        f"use one of {', '.join(LOSSES)} or a 'module:function' reference",
+    )
+
+
+@lru_cache(maxsize=16)
+def _load_dataset(key: str) -> Any:
+    obj = json.loads(key)
+    return Ref(obj["target"], obj["kwargs"]).call()
+
+
+def load_dataset(ref: Ref) -> Any:
+    """Build (and cache in-process) the dataset a reference describes. Treat it as read-only."""
+    return _load_dataset(ref.key())
