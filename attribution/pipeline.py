@@ -1,0 +1,302 @@
+"""Run declared stages deterministically, and replay recorded ones.
+
+One function, ``train_stage``, performs every training step in the project: the original run,
+its replay, and every skip-stage counterfactual. It reads learning rates and batch indices from a
+``StepLog``, never from a sampler or scheduler, so replays see exactly the recorded numbers.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset, default_collate
+
+from attribution.entry import apply_entry, is_structural, matching_modules
+from attribution.errors import SpecError, TrainingError, TrajectoryError
+from attribution.optim import OptimizerState, build_optimizer, load_state_by_name, state_by_name
+from attribution.references import load_dataset, loss_function
+from attribution.spec import EntryAction, PipelineSpec, StageSpec
+from attribution.trajectory import MANIFEST, ParamGroup, StageRecord, StepLog, Trajectory, snapshot
+
+StepCallback = Callable[[str, int, int, float], None]
+"""Called after every step with (stage name, step index, number of steps, loss)."""
+
+
+def sample_batches(n: int, batch_size: int, num_steps: int, seed: int) -> list[torch.Tensor]:
+    """Batch indices for ``num_steps`` steps: seeded reshuffles each epoch, last partial dropped."""
+    per_epoch = n // batch_size
+    generator = torch.Generator().manual_seed(seed)
+    batches: list[torch.Tensor] = []
+    while len(batches) < num_steps:
+        order = torch.randperm(n, generator=generator)[: per_epoch * batch_size]
+        batches += list(order.view(per_epoch, batch_size).unbind(0))
+    return batches[:num_steps]
+
+
+def resolve_stage(
+    spec: StageSpec, model: nn.Module, num_examples: int
+) -> tuple[StageRecord, StepLog]:
+    """Turn a declared stage into explicit parameter groups and per-step records."""
+    where = f"pipeline.stages.{spec.name}"
+    if num_examples < spec.batch_size:
+        raise SpecError(
+            f"{where}.batch_size",
+            f"{spec.batch_size} exceeds the {num_examples} examples of the stage's data",
+            "lower batch_size or use more data",
+        )
+    names = [n for n, _ in model.named_parameters()]
+    trainable = _match(names, spec.trainable, f"{where}.trainable")
+    base = {"lr": spec.optimizer.lr, **spec.optimizer.hyper}
+    members: list[list[str]] = [[] for _ in range(len(spec.optimizer.groups) + 1)]
+    for name in trainable:
+        slot = next(
+            (
+                i
+                for i, (patterns, _) in enumerate(spec.optimizer.groups)
+                if any(fnmatch.fnmatchcase(name, p) for p in patterns)
+            ),
+            -1,
+        )
+        members[slot].append(name)
+    overrides = [o for _, o in spec.optimizer.groups] + [{}]
+    groups = tuple(
+        ParamGroup(tuple(m), {**base, **o}) for m, o in zip(members, overrides, strict=True) if m
+    )
+    num_steps = spec.steps or spec.epochs * (num_examples // spec.batch_size)
+    record = StageRecord(
+        name=spec.name,
+        kind=spec.kind,
+        data=spec.data,
+        loss=spec.loss,
+        optimizer=spec.optimizer.type,
+        groups=groups,
+        num_steps=num_steps,
+        seed=spec.seed,
+        batch_size=spec.batch_size,
+        schedule=spec.schedule.to_dict(),
+        entry=spec.entry,
+        optimizer_policy=spec.optimizer_policy,
+    )
+    lr = [[m * g.hyper["lr"] for g in groups] for m in spec.schedule.multipliers(num_steps)]
+    batches = sample_batches(num_examples, spec.batch_size, num_steps, spec.seed)
+    return record, StepLog.from_batches(lr, batches)
+
+
+def add_adapters(model: nn.Module, actions: Sequence[EntryAction], stage: str) -> None:
+    """Apply a stage's structural entry actions (new adapter parameters, function-preserving)."""
+    for i, action in enumerate(actions):
+        if is_structural(action):
+            apply_entry(model, action, f"stage {stage} entry[{i}]")
+
+
+def reinitialise(model: nn.Module, actions: Sequence[EntryAction], stage: str) -> None:
+    """Apply a stage's re-initialisations; they belong to the stage and are skipped with it."""
+    for i, action in enumerate(actions):
+        if not is_structural(action):
+            apply_entry(model, action, f"stage {stage} entry[{i}]")
+
+
+def carried_state(
+    previous: OptimizerState, record: StageRecord, model: nn.Module
+) -> OptimizerState:
+    """The optimizer state a stage starts from: empty under ``reset``; under ``carry`` the
+    previous state of parameters the stage trains, except those its entry actions re-created."""
+    if record.optimizer_policy == "reset":
+        return {}
+    fresh = set()
+    for action in record.entry:
+        for module in matching_modules(model, action.modules, f"stage {record.name} entry"):
+            fresh |= {f"{module}.{n}" for n, _ in model.get_submodule(module).named_parameters()}
+    keep = set(record.trainable) - fresh
+    return {name: slots for name, slots in previous.items() if name in keep}
+
+
+def continue_stage(
+    model: nn.Module,
+    record: StageRecord,
+    steps: StepLog,
+    previous: OptimizerState,
+    on_step: StepCallback | None = None,
+) -> OptimizerState:
+    """Run a recorded stage from its ``start`` state: re-initialise, take the optimizer state
+    its policy allows from ``previous`` (the state that existed when it began), and train."""
+    reinitialise(model, record.entry, record.name)
+    return train_stage(model, record, steps, carried_state(previous, record, model), on_step)
+
+
+def train_stage(
+    model: nn.Module,
+    record: StageRecord,
+    steps: StepLog,
+    state: OptimizerState,
+    on_step: StepCallback | None = None,
+) -> OptimizerState:
+    """Run a stage's recorded steps on ``model`` in place; return the final optimizer state."""
+    params = dict(model.named_parameters())
+    unknown = sorted(set(record.trainable) - set(params))
+    if unknown:
+        raise TrajectoryError(
+            f"stage {record.name}",
+            f"trains parameters the model lacks: {unknown[:5]}",
+            "check the model reference and entry actions",
+            field="optimizer.groups",
+        )
+    trainable = set(record.trainable)
+    for name, p in params.items():
+        p.requires_grad_(name in trainable)
+    names = {id(p): n for n, p in params.items()}
+    optimizer = build_optimizer(
+        record.optimizer, [([params[n] for n in g.params], g.hyper) for g in record.groups]
+    )
+    load_state_by_name(optimizer, state, names)
+    dataset = load_dataset(record.data)
+    _check_indices(steps, len(dataset), record)
+    loss_fn = loss_function(record.loss)
+    torch.manual_seed(record.seed)
+    model.train()
+    for t in range(steps.num_steps):
+        inputs, targets = _fetch(dataset, steps.batch(t))
+        for group, lr in zip(optimizer.param_groups, steps.lr[t].tolist(), strict=True):
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(inputs), targets)
+        loss.backward()
+        _check_finite(loss, optimizer, names, record.name, t)
+        optimizer.step()
+        if on_step is not None:
+            on_step(record.name, t, steps.num_steps, loss.item())
+    return state_by_name(optimizer, names)
+
+
+def run_pipeline(
+    spec: PipelineSpec, root: Path | str | None, on_step: StepCallback | None = None
+) -> Trajectory:
+    """Train the declared stages and record them under ``root`` (None: in memory).
+
+    If ``root`` already holds an interrupted run of the same pipeline, it resumes after the last
+    recorded stage; a finished run is returned as it is; a different pipeline is refused.
+    """
+    traj = _create_or_resume(spec, root)
+    done = len(traj.stages)
+    if done:
+        model = traj.load_model(done - 1, "end")
+        state = traj.optimizer_state(done - 1, "end")
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.seed)
+            model = spec.model.call()
+        state = {}
+    for stage in spec.stages[done:]:
+        add_adapters(model, stage.entry, stage.name)
+        start = snapshot(model)
+        reinitialise(model, stage.entry, stage.name)
+        record, steps = resolve_stage(stage, model, len(load_dataset(stage.data)))
+        state_in = carried_state(state, record, model)
+        state = train_stage(model, record, steps, state_in, on_step)
+        traj.append_stage(record, start, snapshot(model), state_in, state, steps)
+    if not traj.complete:
+        traj.mark_complete()
+    return traj
+
+
+@dataclass(frozen=True)
+class ReplayDiff:
+    """Largest absolute difference between replayed and recorded tensors of one stage."""
+
+    stage: str
+    start: float
+    end: float
+
+
+def replay(traj: Trajectory, on_step: StepCallback | None = None) -> list[ReplayDiff]:
+    """Re-run the whole recorded trajectory from its first checkpoint; compare every boundary."""
+    model = traj.load_model(0, "start")
+    state: OptimizerState = {}
+    diffs = []
+    for i, record in enumerate(traj.stages):
+        add_adapters(model, record.entry if i else (), record.name)
+        start = max_abs_diff(snapshot(model), traj.checkpoint(i, "start"))
+        state = continue_stage(model, record, traj.steps(i), state, on_step)
+        diffs.append(
+            ReplayDiff(record.name, start, max_abs_diff(snapshot(model), traj.checkpoint(i, "end")))
+        )
+    return diffs
+
+
+def max_abs_diff(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
+    """max |a - b| over all entries of two state dicts with the same keys (inf if keys differ)."""
+    if set(a) != set(b):
+        return float("inf")
+    return max(
+        (float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].numel()), default=0.0
+    )
+
+
+def _create_or_resume(spec: PipelineSpec, root: Path | str | None) -> Trajectory:
+    declared = spec.to_dict()
+    if root is None or not (Path(root) / MANIFEST).is_file():
+        return Trajectory.create(root, spec.model, declared)
+    traj = Trajectory.open(root)
+    if _canonical(traj.pipeline) != _canonical(declared):
+        raise TrajectoryError(
+            Path(root) / MANIFEST,
+            "holds a run of a different pipeline",
+            "choose a new directory for this configuration",
+            field="pipeline",
+        )
+    return traj
+
+
+def _canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True)
+
+
+def _match(names: list[str], patterns: Sequence[str], where: str) -> list[str]:
+    for pattern in patterns:
+        if not fnmatch.filter(names, pattern):
+            raise SpecError(
+                where,
+                f"no parameter matches {pattern!r}",
+                f"use names such as {', '.join(names[:6])}",
+            )
+    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+
+def _fetch(dataset: Any, indices: torch.Tensor) -> Any:
+    if isinstance(dataset, TensorDataset):
+        return tuple(t[indices] for t in dataset.tensors)
+    return default_collate([dataset[i] for i in indices.tolist()])
+
+
+def _check_indices(steps: StepLog, size: int, record: StageRecord) -> None:
+    if steps.indices.numel() and int(steps.indices.max()) >= size:
+        raise TrajectoryError(
+            f"stage {record.name}",
+            f"batches use example "
+            f"{int(steps.indices.max())} but the data reference yields only "
+            f"{size} examples",
+            f"make the data reference {record.data.target} return the data the stage trained on",
+            field="data",
+        )
+
+
+def _check_finite(
+    loss: torch.Tensor, optimizer: torch.optim.Optimizer, names: dict[int, str], stage: str, t: int
+) -> None:
+    fix = f"lower the learning rate of stage {stage!r} or check its data for bad values"
+    if not torch.isfinite(loss):
+        raise TrainingError(f"stage {stage!r} step {t}: the loss is {loss.item()}. Fix: {fix}")
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None and not torch.isfinite(p.grad).all():
+                raise TrainingError(
+                    f"stage {stage!r} step {t}: the gradient of {names[id(p)]} "
+                    f"holds NaN or infinity. Fix: {fix}"
+                )
