@@ -1,0 +1,5 @@
+"""Hydra task functions, one module per experiment, looked up by the config's ``task`` key."""
+
+from experiments.tasks import stages_mnist
+
+TASKS = {"stages_mnist": stages_mnist.run}
