@@ -66,10 +66,10 @@ def _inspect(args: argparse.Namespace) -> int:
 def _replay(args: argparse.Namespace) -> int:
     traj = Trajectory.open(args.run)
     diffs = replay(traj)
-    print(f"{'stage':<14}{'max |start diff|':>18}{'max |end diff|':>18}")
+    print(f"{'stage':<14}{'max |start diff|':>18}{'max |end diff|':>18}{'optimizer diff':>18}")
     for d in diffs:
-        print(f"{d.stage:<14}{d.start:>18.3g}{d.end:>18.3g}")
-    worst = max(max(d.start, d.end) for d in diffs)
+        print(f"{d.stage:<14}{d.start:>18.3g}{d.end:>18.3g}{d.optimizer:>18.3g}")
+    worst = max(d.worst for d in diffs)
     print(f"largest parameter difference from the record: {worst:.3g}")
     return 1 if args.verify and worst != 0.0 else 0
 

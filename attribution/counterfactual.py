@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from attribution import SIGN_CONVENTION
-from attribution.errors import TrajectoryError
+from attribution.errors import StagetraceError, TrajectoryError
 from attribution.pipeline import StepCallback, add_adapters, continue_stage
 from attribution.trajectory import Trajectory, load_state, snapshot
 
@@ -41,20 +41,14 @@ def skip_stage(
 ) -> Counterfactual:
     """Retrain the stages after ``stage`` without it (or reuse a stored result)."""
     k = traj.index(stage)
+    _check_skippable(traj, k)
     name = traj.stages[k].name
     folder = f"counterfactuals/skip-{name}"
     meta_name, final_name = f"{folder}/meta.json", f"{folder}/final.safetensors"
     fingerprint = traj.fingerprint()
     if traj.store.exists(meta_name):
-        meta = traj.store.get_json(meta_name)
-        if meta.get("trajectory_fingerprint") != fingerprint:
-            raise TrajectoryError(
-                traj.store.where(meta_name),
-                "was computed from a different recording of this run",
-                f"delete {traj.store.where(folder)} to recompute it",
-                field="trajectory_fingerprint",
-            )
-        state = traj.store.get_tensors(final_name, meta.get("sha256"))
+        meta = _stored_meta(traj, meta_name, fingerprint, f"delete {traj.store.where(folder)}")
+        state = traj.store.get_tensors(final_name, meta["sha256"])
         return Counterfactual(name, state, float(meta["seconds"]), reused=True)
 
     began = time.perf_counter()
@@ -89,3 +83,47 @@ def as_model(traj: Trajectory, state: dict[str, torch.Tensor]) -> nn.Module:
     model = traj.build_model(len(traj.stages) - 1)
     load_state(model, state, "counterfactual state")
     return model
+
+
+def _check_skippable(traj: Trajectory, k: int) -> None:
+    """Refuse counterfactuals that are not well defined for this record."""
+    if not traj.complete:
+        raise StagetraceError(
+            f"{traj.store.where('manifest.json')}: the run is incomplete ({len(traj.stages)} "
+            "stage(s) recorded), so a counterfactual would miss its later stages. Fix: resume "
+            "the run (run the same pipeline again) or call Recorder.finish()"
+        )
+    if 0 < k < len(traj.stages) - 1:
+        before, after = traj.stages[k - 1], traj.stages[k + 1]
+        if after.optimizer_policy == "carry" and before.optimizer != after.optimizer:
+            raise StagetraceError(
+                f"skipping stage {traj.stages[k].name!r} would carry {before.optimizer} state "
+                f"from {before.name!r} into the {after.optimizer} stage {after.name!r}. Fix: "
+                f"skip a different stage, or record {after.name!r} with optimizer_policy reset"
+            )
+
+
+def _stored_meta(traj: Trajectory, meta_name: str, fingerprint: str, fix: str) -> dict:
+    """The metadata of a stored counterfactual, if it belongs to this exact recording."""
+    meta = traj.store.get_json(meta_name)
+    where = traj.store.where(meta_name)
+    if not isinstance(meta, dict) or meta.get("schema") != SCHEMA:
+        raise TrajectoryError(where, "is not counterfactual metadata", f"{fix} to recompute it")
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise TrajectoryError(
+            where,
+            f"schema_version {meta.get('schema_version')!r} is not supported",
+            f"{fix} to recompute it",
+            field="schema_version",
+        )
+    if meta.get("trajectory_fingerprint") != fingerprint:
+        raise TrajectoryError(
+            where,
+            "was computed from a different recording of this run",
+            f"{fix} to recompute it",
+            field="trajectory_fingerprint",
+        )
+    for field in ("sha256", "seconds"):
+        if field not in meta:
+            raise TrajectoryError(where, "is incomplete", f"{fix} to recompute it", field=field)
+    return meta

@@ -23,7 +23,15 @@ from attribution.errors import SpecError, TrainingError, TrajectoryError
 from attribution.optim import OptimizerState, build_optimizer, load_state_by_name, state_by_name
 from attribution.references import load_dataset, loss_function
 from attribution.spec import EntryAction, PipelineSpec, StageSpec
-from attribution.trajectory import MANIFEST, ParamGroup, StageRecord, StepLog, Trajectory, snapshot
+from attribution.trajectory import (
+    MANIFEST,
+    ParamGroup,
+    StageRecord,
+    StepLog,
+    Trajectory,
+    flatten_state,
+    snapshot,
+)
 
 StepCallback = Callable[[str, int, int, float], None]
 """Called after every step with (stage name, step index, number of steps, loss)."""
@@ -107,11 +115,12 @@ def carried_state(
     previous: OptimizerState, record: StageRecord, model: nn.Module
 ) -> OptimizerState:
     """The optimizer state a stage starts from: empty under ``reset``; under ``carry`` the
-    previous state of parameters the stage trains, except those its entry actions re-created."""
+    previous state of parameters the stage trains, except those it re-initialises (adapter
+    parameters it adds are new, so they have no previous state either)."""
     if record.optimizer_policy == "reset":
         return {}
     fresh = set()
-    for action in record.entry:
+    for action in (a for a in record.entry if not is_structural(a)):
         for module in matching_modules(model, action.modules, f"stage {record.name} entry"):
             fresh |= {f"{module}.{n}" for n, _ in model.get_submodule(module).named_parameters()}
     keep = set(record.trainable) - fresh
@@ -208,11 +217,17 @@ def run_pipeline(
 
 @dataclass(frozen=True)
 class ReplayDiff:
-    """Largest absolute difference between replayed and recorded tensors of one stage."""
+    """Largest absolute difference between replayed and recorded tensors of one stage:
+    parameters and buffers at its start and end, and optimizer state at its end."""
 
     stage: str
     start: float
     end: float
+    optimizer: float
+
+    @property
+    def worst(self) -> float:
+        return max(self.start, self.end, self.optimizer)
 
 
 def replay(traj: Trajectory, on_step: StepCallback | None = None) -> list[ReplayDiff]:
@@ -224,8 +239,10 @@ def replay(traj: Trajectory, on_step: StepCallback | None = None) -> list[Replay
         add_adapters(model, record.entry if i else (), record.name)
         start = max_abs_diff(snapshot(model), traj.checkpoint(i, "start"))
         state = continue_stage(model, record, traj.steps(i), state, on_step)
+        end = max_abs_diff(snapshot(model), traj.checkpoint(i, "end"))
+        recorded = flatten_state(traj.optimizer_state(i, "end"))
         diffs.append(
-            ReplayDiff(record.name, start, max_abs_diff(snapshot(model), traj.checkpoint(i, "end")))
+            ReplayDiff(record.name, start, end, max_abs_diff(flatten_state(state), recorded))
         )
     return diffs
 

@@ -40,7 +40,7 @@ from attribution.optim import (
 )
 from attribution.pipeline import add_adapters, reinitialise
 from attribution.references import Ref
-from attribution.spec import POLICIES, STAGE_KINDS, EntryAction
+from attribution.spec import POLICIES, STAGE_KINDS, EntryAction, check_stage_name
 from attribution.trajectory import ParamGroup, StageRecord, StepLog, Trajectory, snapshot
 
 
@@ -66,6 +66,7 @@ class Recorder:
     ) -> StageRecording:
         """A context in which one stage trains. Entry actions are applied on entering it;
         ``seed`` seeds the global torch RNG there and the entry actions."""
+        check_stage_name(name, f"stage {name!r}")
         if kind not in STAGE_KINDS:
             raise StagetraceError(
                 f"stage kind {kind!r} is unknown. Fix: use one of {', '.join(STAGE_KINDS)}"

@@ -7,6 +7,7 @@ rates), which is what the trajectory stores and what every replay reads.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,21 @@ from attribution.schedules import ScheduleSpec
 STAGE_KINDS = ("pretrain", "finetune", "adapt")
 POLICIES = ("reset", "carry")
 ENTRY_KINDS = ("reinit", "add_lora")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def is_safe_name(name: Any) -> bool:
+    """Stage names become folder names: letters, digits, ``_``, ``.``, ``-``; no leading dot."""
+    return isinstance(name, str) and _NAME.fullmatch(name) is not None
+
+
+def check_stage_name(name: Any, where: str) -> None:
+    if not is_safe_name(name):
+        raise SpecError(
+            where,
+            f"stage name {name!r} is not usable as a folder name",
+            "use letters, digits, '_', '.' and '-' only",
+        )
 
 
 @dataclass(frozen=True)
@@ -161,6 +177,7 @@ class StageSpec:
         return stage
 
     def validate(self, where: str) -> None:
+        check_stage_name(self.name, where)
         if self.kind not in STAGE_KINDS:
             raise SpecError(
                 f"{where}.kind",

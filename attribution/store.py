@@ -23,6 +23,7 @@ from safetensors.torch import save as save_tensors
 from attribution.errors import TrajectoryError
 
 REWRITE = "re-record the run, or restore the file from a backup"
+FILE_MODE = 0o644
 
 
 class Store:
@@ -102,7 +103,9 @@ class DiskStore(Store):
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(tmp, FILE_MODE)
             os.replace(tmp, path)
+            _fsync_directory(path.parent)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -118,6 +121,18 @@ class DiskStore(Store):
 
     def where(self, name: str) -> str:
         return str(self.root / name)
+
+
+def _fsync_directory(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class MemoryStore(Store):

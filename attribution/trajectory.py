@@ -32,7 +32,7 @@ from attribution.entry import apply_entry, is_structural
 from attribution.errors import StagetraceError, TrajectoryError, UnknownStageError
 from attribution.optim import HYPERPARAMETERS, OptimizerState
 from attribution.references import Ref
-from attribution.spec import POLICIES, STAGE_KINDS, EntryAction
+from attribution.spec import ENTRY_KINDS, POLICIES, STAGE_KINDS, EntryAction, is_safe_name
 from attribution.store import REWRITE, DiskStore, MemoryStore, Store
 
 SCHEMA = "stagetrace.trajectory"
@@ -109,6 +109,7 @@ class StageRecord:
         entry = []
         for i, a in enumerate(check.list(obj.get("entry", []), "entry")):
             a = dict(check.mapping(a, f"entry[{i}]"))
+            check.choice(a.get("kind"), f"entry[{i}].kind", ENTRY_KINDS)
             try:
                 entry.append(EntryAction(a.pop("kind"), tuple(a.pop("modules")), **a))
             except (KeyError, TypeError) as exc:
@@ -118,7 +119,7 @@ class StageRecord:
         except StagetraceError:
             check.fail("data", "expected {target, kwargs}")
         return cls(
-            name=check.string(obj.get("name"), "name"),
+            name=check.name(obj.get("name"), "name"),
             kind=check.choice(obj.get("kind"), "kind", STAGE_KINDS),
             data=data,
             loss=check.string(obj.get("loss"), "loss"),
@@ -230,12 +231,14 @@ class Trajectory:
         root = Path(root)
         if not (root / MANIFEST).is_file() and (root / "trajectory" / MANIFEST).is_file():
             root = root / "trajectory"
-        store = DiskStore(root)
-        if not root.is_dir():
+        if not (root / MANIFEST).is_file():
             raise TrajectoryError(
-                root, "no such directory", "give the directory that holds manifest.json"
+                root,
+                "no such directory" if not root.is_dir() else f"holds no {MANIFEST}",
+                "give a trajectory directory (the one holding manifest.json) or a Hydra run "
+                "directory with a trajectory/ folder",
             )
-        return cls.from_store(store)
+        return cls.from_store(DiskStore(root))
 
     @classmethod
     def from_store(cls, store: Store) -> Trajectory:
@@ -266,6 +269,9 @@ class Trajectory:
             for role in FILE_ROLES:
                 info = check.mapping(files.get(role), f"stages[{i}].files.{role}")
                 name = check.string(info.get("path"), f"stages[{i}].files.{role}.path")
+                if name.startswith("/") or ".." in name.split("/"):
+                    check.fail(f"stages[{i}].files.{role}.path", "must stay inside the trajectory")
+                check.string(info.get("sha256"), f"stages[{i}].files.{role}.sha256")
                 if not store.exists(name):
                     raise TrajectoryError(
                         store.where(name),
@@ -363,8 +369,8 @@ class Trajectory:
         blobs = {
             "start": dict(start),
             "end": dict(end),
-            "optimizer_start": _flatten(optimizer_start),
-            "optimizer_end": _flatten(optimizer_end),
+            "optimizer_start": flatten_state(optimizer_start),
+            "optimizer_end": flatten_state(optimizer_end),
             "steps": steps.to_tensors(),
         }
         files = {}
@@ -419,7 +425,8 @@ def load_state(model: nn.Module, tensors: Mapping[str, torch.Tensor], where: str
     model.load_state_dict(dict(tensors))
 
 
-def _flatten(state: OptimizerState) -> dict[str, torch.Tensor]:
+def flatten_state(state: OptimizerState) -> dict[str, torch.Tensor]:
+    """Optimizer state as one flat dict keyed ``<parameter name>/<slot>``."""
     return {
         f"{param}/{slot}": value for param, slots in state.items() for slot, value in slots.items()
     }
@@ -449,6 +456,13 @@ class _Checker:
     def string(self, value: Any, field: str) -> str:
         if not isinstance(value, str) or not value:
             self.fail(field, f"expected a non-empty string, got {value!r}")
+        return value
+
+    def name(self, value: Any, field: str) -> str:
+        if not is_safe_name(value):
+            self.fail(
+                field, f"expected a stage name of letters, digits, '_', '.', '-', got {value!r}"
+            )
         return value
 
     def integer(self, value: Any, field: str, minimum: int) -> int:

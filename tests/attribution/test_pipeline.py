@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from attribution.counterfactual import skip_stage
+from attribution.errors import StagetraceError
 from attribution.pipeline import max_abs_diff, reinitialise, replay, run_pipeline, sample_batches
 from attribution.references import load_dataset
 from attribution.spec import PipelineSpec
@@ -234,3 +235,59 @@ def test_parameter_groups_take_their_overrides_and_record_per_group_rates():
     assert lr[0].tolist() == [0.01, 0.05]
     assert torch.allclose(lr[:, 0] / lr[:, 1], torch.full((6,), 0.2, dtype=torch.float64))
     assert replay(traj)[0].end == 0.0
+
+
+def test_carry_keeps_the_state_of_weights_that_an_adapter_wraps():
+    cfg = tiny.config(
+        a=tiny.stage("pretrain", 1, tiny.SGD_MOMENTUM, 0.05),
+        b=tiny.stage(
+            "adapt",
+            2,
+            tiny.SGD_MOMENTUM,
+            0.05,
+            optimizer_policy="carry",
+            entry=[{"kind": "add_lora", "modules": ["fc1"], "rank": 2}],
+        ),
+    )
+    traj = run(cfg)
+    handed = traj.optimizer_state("b", "start")
+    assert set(handed) == {"fc1.weight", "fc1.bias", "head.weight", "head.bias"}
+    assert_same_state(handed["fc1.weight"], traj.optimizer_state("a", "end")["fc1.weight"])
+
+
+def test_a_skip_that_would_carry_state_across_optimizer_types_is_refused():
+    adam = {"type": "adam"}
+    cfg = tiny.config(
+        a=tiny.stage("pretrain", 1, tiny.SGD_MOMENTUM, 0.05),
+        b=tiny.stage("finetune", 2, adam, 1e-3),
+        c=tiny.stage("adapt", 3, adam, 1e-3, optimizer_policy="carry"),
+    )
+    traj = run(cfg)
+    with pytest.raises(StagetraceError, match=r"carry sgd state from 'a' into the adam stage 'c'"):
+        skip_stage(traj, "b")
+    assert skip_stage(traj, "a").state.keys() == final(traj).keys()
+
+
+def test_counterfactuals_of_an_incomplete_run_are_refused(tmp_path):
+    spec = PipelineSpec.from_dict(tiny.three_stage())
+
+    def stop(stage, t, total, loss):
+        if stage == "adapt":
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run_pipeline(spec, tmp_path / "run", on_step=stop)
+    with pytest.raises(StagetraceError, match="incomplete"):
+        skip_stage(Trajectory.open(tmp_path / "run"), "pretrain")
+    assert not (tmp_path / "run" / "counterfactuals").exists()
+
+
+def test_replay_compares_optimizer_state_too():
+    traj = run(tiny.three_stage("carry"))
+    name = traj._manifest["stages"][1]["files"]["optimizer_end"]
+    tampered = {k: v + 1e-3 for k, v in traj.store.get_tensors(name["path"]).items()}
+    name["sha256"] = traj.store.put_tensors(name["path"], tampered)
+    diffs = replay(traj)
+    assert [d.end for d in diffs] == [0.0, 0.0, 0.0]
+    assert diffs[1].optimizer == pytest.approx(1e-3, rel=1e-3) and diffs[1].worst > 0
+    assert diffs[0].optimizer == 0.0

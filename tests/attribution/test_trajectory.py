@@ -2,7 +2,10 @@
 
 import json
 
+import pytest
+
 from attribution import SIGN_CONVENTION
+from attribution.errors import SpecError, TrajectoryError
 from attribution.pipeline import run_pipeline
 from attribution.spec import PipelineSpec
 from attribution.trajectory import SCHEMA_VERSION, StageRecord, Trajectory
@@ -38,3 +41,42 @@ def test_manifest_round_trip_keeps_every_stage_record(tmp_path):
 def test_a_hydra_run_directory_opens_its_trajectory(tmp_path):
     run_pipeline(PipelineSpec.from_dict(tiny.three_stage()), tmp_path / "trajectory")
     assert Trajectory.open(tmp_path).names == ["pretrain", "finetune", "adapt"]
+
+
+def test_files_are_readable_by_others_like_any_output(tmp_path):
+    run_pipeline(PipelineSpec.from_dict(tiny.three_stage()), tmp_path / "run")
+    modes = {p.stat().st_mode & 0o777 for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    assert modes == {0o644}
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("entry", [{"kind": "bogus", "modules": ["head"]}], r"stages\[1\]\.entry\[0\]\.kind"),
+        ("name", "../escape", r"stages\[1\]\.name"),
+    ],
+)
+def test_manifest_fields_are_validated_on_open(tmp_path, field, value, message):
+    run_pipeline(PipelineSpec.from_dict(tiny.three_stage()), tmp_path / "run")
+    path = tmp_path / "run" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["stages"][1][field] = value
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(TrajectoryError, match=message):
+        Trajectory.open(tmp_path / "run")
+
+
+def test_file_paths_must_stay_inside_the_trajectory(tmp_path):
+    run_pipeline(PipelineSpec.from_dict(tiny.three_stage()), tmp_path / "run")
+    path = tmp_path / "run" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["stages"][0]["files"]["end"]["path"] = "../outside.safetensors"
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(TrajectoryError, match="inside the trajectory"):
+        Trajectory.open(tmp_path / "run")
+
+
+def test_unsafe_stage_names_are_refused_before_anything_runs():
+    cfg = tiny.config(**{"a/b": tiny.stage("pretrain", 1, tiny.SGD_MOMENTUM, 0.05)})
+    with pytest.raises(SpecError, match="folder name"):
+        PipelineSpec.from_dict(cfg)
