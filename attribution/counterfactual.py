@@ -40,8 +40,9 @@ def skip_stage(
     traj: Trajectory, stage: str | int, on_step: StepCallback | None = None
 ) -> Counterfactual:
     """Retrain the stages after ``stage`` without it (or reuse a stored result)."""
+    _check_complete(traj)
     k = traj.index(stage)
-    _check_skippable(traj, k)
+    _check_carry(traj, k)
     name = traj.stages[k].name
     folder = f"counterfactuals/skip-{name}"
     meta_name, final_name = f"{folder}/meta.json", f"{folder}/final.safetensors"
@@ -85,14 +86,20 @@ def as_model(traj: Trajectory, state: dict[str, torch.Tensor]) -> nn.Module:
     return model
 
 
-def _check_skippable(traj: Trajectory, k: int) -> None:
-    """Refuse counterfactuals that are not well defined for this record."""
+def _check_complete(traj: Trajectory) -> None:
+    """A counterfactual of an unfinished run would miss its later stages."""
     if not traj.complete:
-        raise StagetraceError(
-            f"{traj.store.where('manifest.json')}: the run is incomplete ({len(traj.stages)} "
-            "stage(s) recorded), so a counterfactual would miss its later stages. Fix: resume "
-            "the run (run the same pipeline again) or call Recorder.finish()"
+        raise TrajectoryError(
+            traj.store.where("manifest.json"),
+            f"the run is incomplete ({len(traj.stages)} stage(s) recorded), so a counterfactual "
+            "would miss its later stages",
+            "resume the run (run the same pipeline again) or call Recorder.finish()",
+            field="complete",
         )
+
+
+def _check_carry(traj: Trajectory, k: int) -> None:
+    """Skipping k must not hand one optimizer's state to a stage of another type."""
     if 0 < k < len(traj.stages) - 1:
         before, after = traj.stages[k - 1], traj.stages[k + 1]
         if after.optimizer_policy == "carry" and before.optimizer != after.optimizer:

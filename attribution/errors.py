@@ -31,9 +31,9 @@ class UnknownStageError(StagetraceError):
     """A stage name that the trajectory does not contain."""
 
     def __init__(self, name: str, known: list[str]) -> None:
-        super().__init__(
-            f"no stage named {name!r} in this trajectory. Fix: use one of {', '.join(known)}"
-        )
+        fix = f"use one of {', '.join(known)}" if known else "record the run's stages first"
+        recorded = "in this trajectory" if known else "(the trajectory records no stage yet)"
+        super().__init__(f"no stage named {name!r} {recorded}. Fix: {fix}")
 
 
 class TrainingError(StagetraceError):

@@ -192,6 +192,7 @@ def run_pipeline(
     If ``root`` already holds an interrupted run of the same pipeline, it resumes after the last
     recorded stage; a finished run is returned as it is; a different pipeline is refused.
     """
+    check_pipeline(spec)
     traj = _create_or_resume(spec, root)
     done = len(traj.stages)
     if done:
@@ -215,6 +216,18 @@ def run_pipeline(
     return traj
 
 
+def check_pipeline(spec: PipelineSpec) -> None:
+    """Resolve every stage against a throwaway model, so that a bad pattern, module name or
+    batch size is reported before any stage trains."""
+    model = spec.model.call()
+    for stage in spec.stages:
+        for i, action in enumerate(stage.entry):
+            where = f"pipeline.stages.{stage.name}.entry[{i}].modules"
+            matching_modules(model, action.modules, where)
+        add_adapters(model, stage.entry, stage.name)
+        resolve_stage(stage, model, len(load_dataset(stage.data)))
+
+
 @dataclass(frozen=True)
 class ReplayDiff:
     """Largest absolute difference between replayed and recorded tensors of one stage:
@@ -232,6 +245,13 @@ class ReplayDiff:
 
 def replay(traj: Trajectory, on_step: StepCallback | None = None) -> list[ReplayDiff]:
     """Re-run the whole recorded trajectory from its first checkpoint; compare every boundary."""
+    if not traj.stages:
+        raise TrajectoryError(
+            traj.store.where(MANIFEST),
+            "records no stage yet",
+            "run the pipeline again to record its stages",
+            field="stages",
+        )
     model = traj.load_model(0, "start")
     state: OptimizerState = {}
     diffs = []
@@ -258,17 +278,18 @@ def max_abs_diff(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -
 
 def _create_or_resume(spec: PipelineSpec, root: Path | str | None) -> Trajectory:
     declared = spec.to_dict()
-    if root is None or not (Path(root) / MANIFEST).is_file():
-        return Trajectory.create(root, spec.model, declared)
-    traj = Trajectory.open(root)
-    if _canonical(traj.pipeline) != _canonical(declared):
-        raise TrajectoryError(
-            Path(root) / MANIFEST,
-            "holds a run of a different pipeline",
-            "choose a new directory for this configuration",
-            field="pipeline",
-        )
-    return traj
+    if root is not None and (Path(root) / MANIFEST).is_file():
+        traj = Trajectory.open(root)
+        if traj.stages:
+            if _canonical(traj.pipeline) != _canonical(declared):
+                raise TrajectoryError(
+                    Path(root) / MANIFEST,
+                    "holds a run of a different pipeline",
+                    "choose a new directory for this configuration",
+                    field="pipeline",
+                )
+            return traj
+    return Trajectory.create(root, spec.model, declared)
 
 
 def _canonical(obj: Any) -> str:

@@ -8,7 +8,7 @@ rates), which is what the trajectory stores and what every replay reads.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,7 +53,7 @@ class OptimizerSpec:
 
     @classmethod
     def from_dict(cls, obj: Any, where: str) -> OptimizerSpec:
-        obj = dict(obj or {})
+        obj = _mapping(obj or {}, where)
         kind = obj.pop("type", None)
         if kind not in HYPERPARAMETERS:
             raise SpecError(
@@ -69,17 +69,11 @@ class OptimizerSpec:
                 "give the stage's base learning rate",
             )
         groups = []
-        for i, group in enumerate(obj.pop("groups", None) or ()):
-            group = dict(group)
-            patterns = group.pop("params", None)
-            if not patterns:
-                raise SpecError(
-                    f"{where}.groups[{i}].params",
-                    "missing",
-                    "list glob patterns of parameter names",
-                )
+        for i, group in enumerate(_sequence(obj.pop("groups", None) or [], f"{where}.groups")):
+            group = _mapping(group, f"{where}.groups[{i}]")
+            patterns = _strings(group.pop("params", None), f"{where}.groups[{i}].params")
             _check_keys(group, (*HYPERPARAMETERS[kind], "lr"), f"{where}.groups[{i}]")
-            groups.append((tuple(patterns), group))
+            groups.append((patterns, group))
         _check_keys(obj, HYPERPARAMETERS[kind], where)
         return cls(kind, float(lr), {**HYPERPARAMETERS[kind], **obj}, tuple(groups))
 
@@ -105,7 +99,7 @@ class EntryAction:
 
     @classmethod
     def from_dict(cls, obj: Any, where: str, seed: int) -> EntryAction:
-        obj = dict(obj)
+        obj = _mapping(obj, where)
         kind = obj.pop("kind", None)
         if kind not in ENTRY_KINDS:
             raise SpecError(
@@ -113,12 +107,10 @@ class EntryAction:
                 f"unknown entry action {kind!r}",
                 f"use one of {', '.join(ENTRY_KINDS)}",
             )
-        modules = obj.pop("modules", None)
-        if not modules:
-            raise SpecError(f"{where}.modules", "missing", "list the module names it applies to")
+        modules = _strings(obj.pop("modules", None), f"{where}.modules")
         allowed = ("seed", "rank", "alpha") if kind == "add_lora" else ("seed",)
         _check_keys(obj, allowed, where)
-        action = cls(kind, tuple(modules), **{"seed": seed, **obj})
+        action = cls(kind, modules, **{"seed": seed, **obj})
         if action.rank < 1:
             raise SpecError(f"{where}.rank", f"must be >= 1, got {action.rank}", "use rank >= 1")
         return action
@@ -147,8 +139,8 @@ class StageSpec:
     optimizer_policy: str = "reset"
 
     @classmethod
-    def from_dict(cls, name: str, obj: Mapping[str, Any], where: str) -> StageSpec:
-        obj = dict(obj)
+    def from_dict(cls, name: str, obj: Any, where: str) -> StageSpec:
+        obj = _mapping(obj, where)
         _check_keys(obj, (*cls.__dataclass_fields__, "lr"), where)
         seed = _integer(obj, "seed", where, minimum=0)
         optimizer = dict(obj.pop("optimizer", None) or {})
@@ -156,7 +148,7 @@ class StageSpec:
             optimizer["lr"] = obj.pop("lr")
         entry = tuple(
             EntryAction.from_dict(a, f"{where}.entry[{i}]", seed + 1000 * (i + 1))
-            for i, a in enumerate(obj.get("entry") or ())
+            for i, a in enumerate(_sequence(obj.get("entry") or [], f"{where}.entry"))
         )
         stage = cls(
             name=name,
@@ -169,7 +161,7 @@ class StageSpec:
             epochs=obj.get("epochs"),
             loss=obj.get("loss", "cross_entropy"),
             schedule=ScheduleSpec.from_dict(obj.get("schedule"), f"{where}.schedule"),
-            trainable=tuple(obj.get("trainable") or ("*",)),
+            trainable=_strings(obj.get("trainable", ["*"]), f"{where}.trainable"),
             entry=entry,
             optimizer_policy=obj.get("optimizer_policy", "reset"),
         )
@@ -226,9 +218,8 @@ class PipelineSpec:
         stages = tuple(
             StageSpec.from_dict(str(n), s, f"pipeline.stages.{n}") for n, s in stages_obj.items()
         )
-        spec = cls(
-            Ref.from_dict(obj.get("model"), "pipeline.model"), stages, int(obj.get("seed", 0))
-        )
+        seed = _integer({"seed": 0, **obj}, "seed", "pipeline", minimum=0)
+        spec = cls(Ref.from_dict(obj.get("model"), "pipeline.model"), stages, seed)
         spec.validate()
         return spec
 
@@ -248,7 +239,7 @@ class PipelineSpec:
             if previous != stage.optimizer.type:
                 raise SpecError(
                     f"{where}.optimizer_policy",
-                    f"cannot carry {previous} state into a {stage.optimizer.type} stage",
+                    f"cannot carry {previous} state into this {stage.optimizer.type} stage",
                     "use the same optimizer type or optimizer_policy: reset",
                 )
 
@@ -278,6 +269,33 @@ def _stage_dict(stage: StageSpec) -> dict[str, Any]:
         if stage.steps is not None
         else {**out, "epochs": stage.epochs}
     )
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise SpecError(
+            where,
+            f"expected a mapping of settings, got {value!r}",
+            "write the settings as key: value pairs",
+        )
+    return dict(value)
+
+
+def _sequence(value: Any, where: str) -> list[Any]:
+    if isinstance(value, (str, Mapping)) or not isinstance(value, Sequence):
+        raise SpecError(where, f"expected a list, got {value!r}", "write a list, e.g. [a, b]")
+    return list(value)
+
+
+def _strings(value: Any, where: str) -> tuple[str, ...]:
+    items = _sequence(value, where)
+    if not items or not all(isinstance(v, str) and v for v in items):
+        raise SpecError(
+            where,
+            f"expected a non-empty list of names, got {value!r}",
+            "list names or glob patterns, e.g. [head, '*.lora_*']",
+        )
+    return tuple(items)
 
 
 def _check_keys(obj: Mapping[str, Any], allowed: Any, where: str) -> None:

@@ -203,9 +203,13 @@ class Trajectory:
     def create(
         cls, root: Path | str | None, model: Ref, pipeline: dict[str, Any] | None = None
     ) -> Trajectory:
-        """A new empty trajectory under ``root`` (None: in memory). Refuses to overwrite one."""
+        """A new empty trajectory under ``root`` (None: in memory).
+
+        Refuses to overwrite a trajectory that records any stage; one that records none (a run
+        that failed in its first stage) holds no results and is replaced.
+        """
         store: Store = MemoryStore() if root is None else DiskStore(root)
-        if store.exists(MANIFEST):
+        if store.exists(MANIFEST) and cls.from_store(store).stages:
             raise TrajectoryError(
                 store.where(MANIFEST),
                 "a trajectory is already recorded here",
@@ -229,6 +233,8 @@ class Trajectory:
     def open(cls, root: Path | str) -> Trajectory:
         """Open and validate a trajectory directory; errors name the file and the field."""
         root = Path(root)
+        if root.name == MANIFEST and root.is_file():
+            root = root.parent
         if not (root / MANIFEST).is_file() and (root / "trajectory" / MANIFEST).is_file():
             root = root / "trajectory"
         if not (root / MANIFEST).is_file():
