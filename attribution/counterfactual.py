@@ -40,9 +40,7 @@ def skip_stage(
     traj: Trajectory, stage: str | int, on_step: StepCallback | None = None
 ) -> Counterfactual:
     """Retrain the stages after ``stage`` without it (or reuse a stored result)."""
-    _check_complete(traj)
-    k = traj.index(stage)
-    _check_carry(traj, k)
+    k = check_skippable(traj, stage)
     name = traj.stages[k].name
     folder = f"counterfactuals/skip-{name}"
     meta_name, final_name = f"{folder}/meta.json", f"{folder}/final.safetensors"
@@ -84,6 +82,15 @@ def as_model(traj: Trajectory, state: dict[str, torch.Tensor]) -> nn.Module:
     model = traj.build_model(len(traj.stages) - 1)
     load_state(model, state, "counterfactual state")
     return model
+
+
+def check_skippable(traj: Trajectory, stage: str | int) -> int:
+    """The index of ``stage`` if skipping it is well defined for this record; else an error
+    saying why. Estimators refuse the same stages, so estimates and truth always pair up."""
+    _check_complete(traj)
+    k = traj.index(stage)
+    _check_carry(traj, k)
+    return k
 
 
 def _check_complete(traj: Trajectory) -> None:

@@ -1,0 +1,82 @@
+"""The estimator interface: from a trajectory to one stage embedding per stage.
+
+A stage embedding ``SE_k`` is a parameter-shaped dict estimating ``theta_T^(-k) - theta_T``, the
+change of the final parameters had stage k never run. It does not depend on any behaviour, so it
+is computed once and scored against any number of behaviours (see ``attribution.readout``).
+Parameters missing from an embedding have offset 0.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from attribution import SIGN_CONVENTION
+from attribution.counterfactual import check_skippable
+from attribution.trajectory import Trajectory
+
+Offsets = dict[str, torch.Tensor]
+
+EVIDENCE = {
+    "boundary_checkpoints": "parameters at the start and end of every stage",
+    "learning_rates": "the learning rate of every step of every stage",
+    "optimizer_hyperparameters": "each stage's optimizer type and hyperparameters",
+    "optimizer_state": "optimizer state at stage boundaries",
+    "batch_order": "the batch indices of every step",
+    "stage_data": "each stage's training data (an importable data reference)",
+}
+
+
+@dataclass(frozen=True)
+class StageEmbeddings:
+    """Per-stage estimates of ``theta_T^(-k) - theta_T`` and how they were obtained.
+
+    ``counts`` holds the work done (e.g. ``gradients``, ``jvps``); ``seconds`` the wall time.
+    """
+
+    estimator: str
+    settings: Mapping[str, Any]
+    offsets: Mapping[str, Offsets]
+    seconds: float
+    counts: Mapping[str, int] = field(default_factory=dict)
+    sign_convention: str = SIGN_CONVENTION
+
+
+class Estimator:
+    """Declare ``name`` and ``requires`` (keys of ``EVIDENCE``); implement ``offsets``."""
+
+    name: ClassVar[str]
+    requires: ClassVar[frozenset[str]]
+
+    def settings(self) -> dict[str, Any]:
+        """The settings that change the result (they key stored artifacts)."""
+        return {}
+
+    def offsets(self, traj: Trajectory, counts: dict[str, int]) -> dict[str, Offsets]:
+        raise NotImplementedError
+
+    def embed(self, traj: Trajectory) -> StageEmbeddings:
+        """Stage embeddings of every recorded stage, timed."""
+        for k in range(len(traj.stages)):
+            check_skippable(traj, k)
+        counts: dict[str, int] = {}
+        began = time.perf_counter()
+        offsets = self.offsets(traj, counts)
+        seconds = time.perf_counter() - began
+        return StageEmbeddings(self.name, self.settings(), offsets, seconds, counts)
+
+
+def final_parameter_names(traj: Trajectory) -> list[str]:
+    """Names of the final model's parameters (buffers excluded)."""
+    return [n for n, _ in traj.build_model(len(traj.stages) - 1).named_parameters()]
+
+
+def stage_displacement(traj: Trajectory, k: int, names: list[str]) -> Offsets:
+    """``delta_k = theta_{t_{k-1}} - theta_{t_k}``: minus the net displacement of stage k,
+    over the parameters that exist when stage k starts."""
+    start, end = traj.checkpoint(k, "start"), traj.checkpoint(k, "end")
+    return {n: start[n].double() - end[n].double() for n in names if n in start}

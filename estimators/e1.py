@@ -1,0 +1,168 @@
+"""E1, optimizer-aware and curvature-free.
+
+Every later update is linearised with the loss Hessian taken as zero, so a parameter offset moves
+only through the optimizer itself: weight decay shrinks it, momentum (and Nesterov) spreads the
+shrinkage over later steps, and the learning-rate schedule sets how much each step shrinks it.
+
+For ``sgd``, ``sgdw`` and ``adamw`` the carried offset after a stage is ``alpha * a0 + beta * b0``
+per parameter group, with ``a0`` the offset entering the stage and ``b0`` the momentum-buffer
+offset handed over under the ``carry`` policy; ``alpha``, ``beta`` are scalars from a recursion
+over the recorded learning rates, so the cost does not grow with the model. ``adam`` (coupled
+decay) feeds the decay into the first moment; E1 then takes the preconditioner fixed at the
+stage's recorded final second moment (an approximation: the gradients of every step would be
+needed for the exact curvature-free answer). Adam moment offsets handed over under ``carry`` are
+ignored (they need the gradient trajectory; E2 carries them). Parameters a later stage
+re-initialises get offset 0; adapter parameters a later stage adds start at offset 0; frozen
+parameters keep their offset.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attribution.entry import matching_modules
+from attribution.trajectory import StageRecord, Trajectory
+from estimators.base import Estimator, Offsets, final_parameter_names, stage_displacement
+
+Affine = tuple[float, float]  # coefficients of (a0, b0)
+
+
+class E1(Estimator):
+    name = "e1"
+    requires = frozenset(
+        {"boundary_checkpoints", "learning_rates", "optimizer_hyperparameters", "optimizer_state"}
+    )
+
+    def offsets(self, traj: Trajectory, counts: dict[str, int]) -> dict[str, Offsets]:
+        names = final_parameter_names(traj)
+        out = {}
+        for k, record in enumerate(traj.stages):
+            offset, buffers = stage_displacement(traj, k, names), handed_buffers(traj, k)
+            for j in range(k + 1, len(traj.stages)):
+                offset, buffers = carry_through_stage(traj, j, offset, buffers)
+            out[record.name] = offset
+        return out
+
+
+def handed_buffers(traj: Trajectory, k: int) -> Offsets:
+    """Momentum-buffer offsets handed to stage k+1 when stage k is skipped: the buffers that
+    existed when stage k began minus those at its end (what ``carry`` would pass on)."""
+    if k + 1 >= len(traj.stages) or traj.stages[k + 1].optimizer_policy != "carry":
+        return {}
+    factual = traj.optimizer_state(k, "end")
+    skipped = traj.optimizer_state(k - 1, "end") if k else {}
+    out = {}
+    for name, slots in factual.items():
+        if "momentum_buffer" in slots:
+            before = skipped.get(name, {}).get("momentum_buffer")
+            base = torch.zeros_like(slots["momentum_buffer"]) if before is None else before
+            out[name] = base.double() - slots["momentum_buffer"].double()
+    return out
+
+
+def carry_through_stage(
+    traj: Trajectory, j: int, offset: Offsets, buffers: Offsets
+) -> tuple[Offsets, Offsets]:
+    """The (parameter, momentum-buffer) offsets after stage j, from those entering it."""
+    record = traj.stages[j]
+    offset = {n: v for n, v in offset.items() if n not in reinitialised(traj, j)}
+    if record.optimizer_policy == "reset":
+        buffers = {}
+    lr = traj.steps(j).lr
+    factual_start = traj.optimizer_state(j, "start")
+    factual_end = traj.optimizer_state(j, "end") if record.optimizer == "adam" else {}
+    out, out_buffers = dict(offset), {}
+    for g, group in enumerate(record.groups):
+        rates = lr[:, g].tolist()
+        for name in group.params:
+            if name not in offset:
+                continue
+            a0, b0 = offset[name], buffers.get(name)
+            if record.optimizer == "adam":
+                out[name] = _adam(
+                    a0,
+                    rates,
+                    group.hyper,
+                    factual_start.get(name, {}),
+                    factual_end.get(name, {}),
+                    name,
+                    record,
+                )
+                continue
+            first = "momentum_buffer" not in factual_start.get(name, {})
+            a, c = _sgd_family(record.optimizer, group.hyper, rates, first)
+            out[name] = _apply(a, a0, b0)
+            if group.hyper.get("momentum", 0.0):
+                out_buffers[name] = _apply(c, a0, b0)
+    return out, out_buffers
+
+
+def reinitialised(traj: Trajectory, j: int) -> set[str]:
+    """Parameters that stage j's ``reinit`` actions re-create (their offset restarts at 0)."""
+    record: StageRecord = traj.stages[j]
+    model = traj.build_model(j)
+    names = set()
+    for action in (a for a in record.entry if a.kind == "reinit"):
+        for module in matching_modules(model, action.modules, f"stage {record.name} entry"):
+            names |= {f"{module}.{n}" for n, _ in model.get_submodule(module).named_parameters()}
+    return names
+
+
+def _sgd_family(kind: str, hyper: dict, rates: list[float], first: bool) -> tuple[Affine, Affine]:
+    """Offset and buffer after the stage as affine functions of (entering offset, buffer)."""
+    mu, damp = hyper.get("momentum", 0.0), hyper.get("dampening", 0.0)
+    nesterov = hyper.get("nesterov", False)
+    coupled = hyper["weight_decay"] if kind == "sgd" else 0.0
+    decoupled = hyper["weight_decay"] if kind in ("sgdw", "adamw") else 0.0
+    a, c = (1.0, 0.0), (0.0, 1.0)
+    for t, eta in enumerate(rates):
+        a = _scale(a, 1.0 - eta * decoupled)
+        if kind == "adamw":
+            continue
+        dp = _scale(a, coupled)
+        if mu:
+            c = dp if (t == 0 and first) else _add(_scale(c, mu), _scale(dp, 1.0 - damp))
+            update = _add(dp, _scale(c, mu)) if nesterov else c
+        else:
+            update = dp
+        a = _add(a, _scale(update, -eta))
+    return a, c
+
+
+def _adam(
+    a0: torch.Tensor,
+    rates: list[float],
+    hyper: dict,
+    start: dict,
+    end: dict,
+    name: str,
+    record: StageRecord,
+) -> torch.Tensor:
+    """Coupled-decay Adam with the preconditioner fixed at the stage's final second moment."""
+    if "exp_avg_sq" not in end:
+        raise ValueError(
+            f"stage {record.name!r}: no recorded second moment for {name}; E1 "
+            "needs the optimizer state at the stage end (use E2)"
+        )
+    (beta1, beta2), eps, lam = hyper["betas"], hyper["eps"], hyper["weight_decay"]
+    step0 = float(start["step"]) if "step" in start else 0.0
+    bias2 = 1.0 - beta2 ** float(end["step"])
+    denom = (end["exp_avg_sq"].double() / bias2).sqrt() + eps
+    a, m = a0.clone(), torch.zeros_like(a0)
+    for t, eta in enumerate(rates):
+        m = beta1 * m + (1.0 - beta1) * lam * a
+        a = a - eta / (1.0 - beta1 ** (step0 + t + 1)) * m / denom
+    return a
+
+
+def _apply(coefficients: Affine, a0: torch.Tensor, b0: torch.Tensor | None) -> torch.Tensor:
+    alpha, beta = coefficients
+    return alpha * a0 if b0 is None or beta == 0.0 else alpha * a0 + beta * b0
+
+
+def _scale(x: Affine, s: float) -> Affine:
+    return (x[0] * s, x[1] * s)
+
+
+def _add(x: Affine, y: Affine) -> Affine:
+    return (x[0] + y[0], x[1] + y[1])
