@@ -19,6 +19,7 @@ from torch import nn
 
 from attribution import SIGN_CONVENTION
 from attribution.errors import StagetraceError, TrajectoryError
+from attribution.optim import OptimizerState
 from attribution.pipeline import StepCallback, add_adapters, continue_stage
 from attribution.trajectory import Trajectory, load_state, snapshot
 
@@ -51,14 +52,10 @@ def skip_stage(
         return Counterfactual(name, state, float(meta["seconds"]), reused=True)
 
     began = time.perf_counter()
-    model = traj.load_model(k, "start")
-    optimizer_state = traj.optimizer_state(k - 1, "end") if k else {}
-    later = traj.stages[k + 1 :]
-    for j, record in enumerate(later, start=k + 1):
-        add_adapters(model, record.entry, record.name)
-        optimizer_state = continue_stage(model, record, traj.steps(j), optimizer_state, on_step)
-    state = snapshot(model)
+    skipped_state = traj.optimizer_state(k - 1, "end") if k else {}
+    state = retrain_after(traj, k, traj.checkpoint(k, "start"), skipped_state, on_step)
     seconds = time.perf_counter() - began
+    later = traj.stages[k + 1 :]
     sha = traj.store.put_tensors(final_name, state, {"schema": SCHEMA, "skipped_stage": name})
     traj.store.put_json(
         meta_name,
@@ -75,6 +72,24 @@ def skip_stage(
         },
     )
     return Counterfactual(name, state, seconds, reused=False)
+
+
+def retrain_after(
+    traj: Trajectory,
+    k: int,
+    state: dict[str, torch.Tensor],
+    optimizer_state: OptimizerState,
+    on_step: StepCallback | None = None,
+) -> dict[str, torch.Tensor]:
+    """Final parameters and buffers from running stages k+1..K as recorded, starting from
+    ``state`` (in stage k's structure) and ``optimizer_state`` (the state in hand after k)."""
+    model = traj.build_model(k)
+    load_state(model, state, f"start of the stages after {traj.stages[k].name}")
+    for j in range(k + 1, len(traj.stages)):
+        record = traj.stages[j]
+        add_adapters(model, record.entry, record.name)
+        optimizer_state = continue_stage(model, record, traj.steps(j), optimizer_state, on_step)
+    return snapshot(model)
 
 
 def as_model(traj: Trajectory, state: dict[str, torch.Tensor]) -> nn.Module:
