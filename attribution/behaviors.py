@@ -1,0 +1,205 @@
+"""Behaviours: the f's whose stage effects we attribute.
+
+A behaviour is a linear aggregation of a per-example quantity over a labelled dataset: the loss or
+margin of every example (``per_example``), the mean over each label group (``group_mean``), or the
+difference of two group means (``group_gap``). Because the aggregation is linear, the effect of a
+stage on a behaviour is the same aggregation of the per-example effects, so per-example effects are
+computed once (see ``attribution.readout``) and aggregated per behaviour.
+
+Sign convention: effect_k(f) = f(theta_T) - f(theta_T^(-k)) (see ``attribution.SIGN_CONVENTION``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.utils.data import TensorDataset
+
+from attribution.errors import SpecError, StagetraceError
+from attribution.references import Ref, load_dataset
+
+QUANTITIES = ("loss", "margin")
+AGGREGATES = ("per_example", "group_mean", "group_gap")
+_KEYS = ("data", "quantity", "aggregate", "groups", "gap")
+
+
+@dataclass(frozen=True)
+class Behavior:
+    """A named behaviour: ``aggregate`` of the per-example ``quantity`` over the dataset ``data``.
+
+    ``quantity``: ``"loss"`` (cross-entropy, nats) or ``"margin"`` (true-class logit minus the
+    largest other logit, logit units). ``groups`` maps a group name to the labels it contains
+    (needed by ``group_mean`` and ``group_gap``); ``gap = (a, b)`` gives mean(a) - mean(b).
+    """
+
+    name: str
+    data: Ref
+    quantity: str = "loss"
+    aggregate: str = "per_example"
+    groups: Mapping[str, Sequence[int]] | None = None
+    gap: tuple[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        _check(f"behaviors.{self.name}", **{f.name: getattr(self, f.name) for f in fields(self)})
+
+    @classmethod
+    def from_dict(cls, name: str, obj: Any, where: str) -> Behavior:
+        """Parse ``{data, quantity, aggregate, groups, gap}``; a ``SpecError`` names the field."""
+        if not isinstance(obj, Mapping):
+            raise SpecError(where, f"expected a mapping, got {obj!r}", "describe it as a mapping")
+        unknown = sorted(set(obj) - set(_KEYS))
+        if unknown:
+            raise SpecError(
+                where, f"unknown keys {unknown}", f"use only {', '.join(_KEYS)} (or fix a typo)"
+            )
+        parsed = {
+            "name": name,
+            "data": Ref.from_dict(obj.get("data"), f"{where}.data"),
+            "quantity": obj.get("quantity", "loss"),
+            "aggregate": obj.get("aggregate", "per_example"),
+            "groups": obj.get("groups"),
+            "gap": obj.get("gap"),
+        }
+        _check(where, **parsed)
+        if parsed["groups"] is not None:
+            parsed["groups"] = {g: tuple(labels) for g, labels in parsed["groups"].items()}
+        if parsed["gap"] is not None:
+            parsed["gap"] = tuple(parsed["gap"])
+        return cls(**parsed)
+
+    def load(self) -> tuple[Tensor, Tensor]:
+        """The dataset's inputs and int64 labels (cached in-process: treat them as read-only)."""
+        where = f"behaviors.{self.name}.data"
+        try:
+            dataset = load_dataset(self.data)
+        except (StagetraceError, ValueError, TypeError) as exc:
+            raise SpecError(
+                where,
+                f"cannot build the dataset {self.data.target!r} with {dict(self.data.kwargs)} "
+                f"({exc})",
+                "correct the reference or its keyword arguments",
+            ) from exc
+        tensors = dataset.tensors if isinstance(dataset, TensorDataset) else ()
+        if len(tensors) != 2 or tensors[1].ndim != 1 or tensors[1].dtype != torch.int64:
+            raise SpecError(
+                where,
+                f"{self.data.target!r} returned {type(dataset).__name__}, not a "
+                "TensorDataset(inputs, int64 labels [N])",
+                "point the reference at a function that returns TensorDataset(inputs, labels)",
+            )
+        return tensors[0], tensors[1]
+
+    def weights(self, targets: Tensor) -> tuple[list[str], Tensor | None]:
+        """Output names and the float64 aggregation matrix ``A`` [num_outputs, N], so that
+        behaviour = ``A @ per_example_vector``. ``A`` is ``None`` for ``per_example`` (identity,
+        never materialised); outputs are ``"<name>[i]"``, ``"<name>[group]"`` or
+        ``"<name>[a - b]"``."""
+        if self.aggregate == "per_example":
+            return [f"{self.name}[{i}]" for i in range(len(targets))], None
+        assert self.groups is not None
+        rows = {}
+        for group, labels in self.groups.items():
+            member = torch.isin(targets.cpu(), torch.tensor(list(labels), dtype=targets.dtype))
+            if not member.any():
+                raise StagetraceError(
+                    f"behaviors.{self.name}.groups.{group}: no example of the dataset has a label "
+                    f"in {list(labels)}. Fix: use labels present in the data, or more data"
+                )
+            rows[group] = member.to(torch.float64) / member.sum()
+        if self.aggregate == "group_mean":
+            return [f"{self.name}[{g}]" for g in rows], torch.stack(list(rows.values()))
+        assert self.gap is not None
+        a, b = self.gap
+        return [f"{self.name}[{a} - {b}]"], (rows[a] - rows[b])[None]
+
+
+def _check(
+    where: str,
+    name: str,
+    data: Ref,
+    quantity: str,
+    aggregate: str,
+    groups: Mapping[str, Sequence[int]] | None,
+    gap: Sequence[str] | None,
+) -> None:
+    """Validate a behaviour's fields; a ``SpecError`` names the field under ``where``."""
+    if not isinstance(name, str) or not name:
+        raise SpecError(where, f"behaviour name {name!r} is empty", "give it a non-empty name")
+    if not isinstance(data, Ref):
+        raise SpecError(f"{where}.data", f"expected a Ref, got {data!r}", "give a Ref")
+    if quantity not in QUANTITIES:
+        raise SpecError(
+            f"{where}.quantity", f"unknown quantity {quantity!r}", f"use one of {QUANTITIES}"
+        )
+    if aggregate not in AGGREGATES:
+        raise SpecError(
+            f"{where}.aggregate", f"unknown aggregate {aggregate!r}", f"use one of {AGGREGATES}"
+        )
+    if (aggregate == "per_example") != (groups is None):
+        raise SpecError(
+            f"{where}.groups",
+            f"aggregate {aggregate!r} {'takes no' if groups is not None else 'needs'} groups",
+            "give groups (name -> labels) exactly when aggregate is group_mean or group_gap",
+        )
+    if groups is not None:
+        if not isinstance(groups, Mapping) or not groups:
+            raise SpecError(
+                f"{where}.groups",
+                f"expected a non-empty mapping of group name -> labels, got {groups!r}",
+                "write groups as {name: [label, ...], ...}",
+            )
+        for group, labels in groups.items():
+            _check_labels(labels, f"{where}.groups.{group}")
+    if (aggregate == "group_gap") != (gap is not None):
+        raise SpecError(
+            f"{where}.gap",
+            f"aggregate {aggregate!r} {'takes no' if gap is not None else 'needs a'} gap",
+            "give gap: [a, b] exactly when aggregate is group_gap",
+        )
+    if gap is not None and (
+        isinstance(gap, str)
+        or not isinstance(gap, Sequence)
+        or len(gap) != 2
+        or gap[0] == gap[1]
+        or not set(gap) <= set(groups)
+    ):
+        raise SpecError(
+            f"{where}.gap",
+            f"expected two different group names of {sorted(groups)}, got {gap!r}",
+            "write gap as [a, b] (groups declared under groups) for mean(a) - mean(b)",
+        )
+
+
+def _check_labels(labels: Any, where: str) -> None:
+    """A group's labels: a non-empty list of non-negative integers."""
+    ok = isinstance(labels, Sequence) and not isinstance(labels, str) and len(labels) > 0
+    if not ok or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in labels):
+        raise SpecError(
+            where,
+            f"expected a non-empty list of non-negative integer labels, got {labels!r}",
+            "list the class labels of the group, e.g. [3, 8]",
+        )
+
+
+def per_example(
+    model: nn.Module, params: Mapping[str, Tensor], inputs: Tensor, targets: Tensor, quantity: str
+) -> Tensor:
+    """The per-example ``quantity`` [N] of ``model`` run with ``params`` (and its own buffers).
+
+    ``loss``: cross-entropy in nats; ``margin``: true-class logit minus the largest other logit.
+    Differentiable in ``params`` (works under ``torch.func.jvp``).
+    """
+    logits = functional_call(model, {**params, **dict(model.named_buffers())}, (inputs,))
+    if quantity == "loss":
+        return F.cross_entropy(logits, targets, reduction="none")
+    if quantity == "margin":
+        true = logits.gather(-1, targets[:, None]).squeeze(-1)
+        others = logits.masked_fill(F.one_hot(targets, logits.shape[-1]).bool(), float("-inf"))
+        return true - others.amax(-1)
+    raise SpecError("quantity", f"unknown quantity {quantity!r}", f"use one of {QUANTITIES}")

@@ -1,0 +1,191 @@
+"""The two read-outs, checked against independent truth: per-example gradients from a loop of
+``.backward()``, ordinary forward passes of a model holding the shifted parameters, and real
+skip-stage retraining; plus the batching (memory) guarantee and the aggregation per behaviour."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attribution.behaviors import Behavior
+from attribution.counterfactual import as_model, skip_stage
+from attribution.errors import StagetraceError
+from attribution.pipeline import run_pipeline
+from attribution.readout import behaviour_effects, evaluated_effects, linear_effects
+from attribution.references import Ref
+from attribution.spec import PipelineSpec
+from experiments.data import mnist
+from experiments.models import MLP
+from tests.attribution import tiny
+
+DATA = Ref("experiments.data:mnist", {"split": "test", "stop": 20})
+QUANTITIES = ["loss", "margin"]
+
+
+@pytest.fixture(scope="module")
+def data():
+    inputs, targets = mnist(split="test", stop=20).tensors
+    return inputs.double(), targets
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return MLP(hidden=[8]).double()
+
+
+def params_of(model):
+    return dict(model.named_parameters())
+
+
+def random_embeddings(model, scale=0.1):
+    """Two random embeddings: one over every parameter, one over a subset (others are 0)."""
+    gen = torch.Generator().manual_seed(1)
+    draw = lambda p: scale * torch.randn(p.shape, generator=gen, dtype=p.dtype)  # noqa: E731
+    params = params_of(model)
+    return {
+        "full": {n: draw(p) for n, p in params.items()},
+        "partial": {n: draw(params[n]) for n in ("fc1.weight", "head.bias")},
+    }
+
+
+def quantity_by_hand(logits, target, quantity):
+    """One example's quantity from its logits [1, C], written out independently."""
+    if quantity == "loss":
+        return F.cross_entropy(logits, target[None])
+    others = torch.cat([logits[0, :target], logits[0, target + 1 :]])
+    return logits[0, target] - others.max()
+
+
+def with_params(model, params):
+    """A copy of ``model`` holding ``params`` (by load_state_dict, not functional_call)."""
+    copied = copy.deepcopy(model)
+    copied.load_state_dict(params)
+    return copied
+
+
+def quantities_by_forward(model, inputs, targets, quantity):
+    with torch.no_grad():
+        return torch.stack(
+            [
+                quantity_by_hand(model(x[None]), y, quantity)
+                for x, y in zip(inputs, targets, strict=True)
+            ]
+        ).double()
+
+
+@pytest.mark.parametrize("quantity", QUANTITIES)
+def test_linear_equals_minus_per_example_gradient_dot_embedding(model, data, quantity):
+    inputs, targets = data
+    embeddings = random_embeddings(model)
+    expected = {stage: torch.zeros(len(targets), dtype=torch.float64) for stage in embeddings}
+    for i in range(len(targets)):
+        model.zero_grad()
+        quantity_by_hand(model(inputs[i : i + 1]), targets[i], quantity).backward()
+        for stage, embedding in embeddings.items():
+            dot = sum((model.get_parameter(n).grad * se).sum() for n, se in embedding.items())
+            expected[stage][i] = -dot
+    got = linear_effects(model, params_of(model), embeddings, inputs, targets, quantity)
+    assert set(got) == set(expected)
+    for stage in embeddings:
+        assert got[stage].dtype == torch.float64 and got[stage].shape == (20,)
+        torch.testing.assert_close(got[stage], expected[stage], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("quantity", QUANTITIES)
+def test_evaluated_equals_forward_passes_of_shifted_models(model, data, quantity):
+    inputs, targets = data
+    embeddings = random_embeddings(model)
+    params = {n: p.detach() for n, p in params_of(model).items()}
+    final = quantities_by_forward(model, inputs, targets, quantity)
+    got = evaluated_effects(model, params, embeddings, inputs, targets, quantity)
+    for stage, embedding in embeddings.items():
+        shifted = {n: p + embedding[n] if n in embedding else p for n, p in params.items()}
+        expected = final - quantities_by_forward(
+            with_params(model, shifted), inputs, targets, quantity
+        )
+        torch.testing.assert_close(got[stage], expected, atol=1e-10, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    return run_pipeline(PipelineSpec.from_dict(tiny.three_stage()), None)
+
+
+@pytest.mark.parametrize("quantity", QUANTITIES)
+def test_evaluated_of_an_exact_embedding_is_the_true_effect(pipeline, quantity):
+    """In float64 the offset of two float32 checkpoints is exact, so theta_T + SE_k is bit for
+    bit the retrained theta_T^(-k) and only forward-pass rounding remains."""
+    inputs, targets = mnist(split="test", stop=100).tensors
+    inputs = inputs.double()
+    final_state = pipeline.checkpoint(len(pipeline.stages) - 1, "end")
+    final = as_model(pipeline, final_state).double()
+    params = params_of(final)
+    for stage in pipeline.names:
+        counterfactual = as_model(pipeline, skip_stage(pipeline, stage).state).double()
+        embedding = {n: p - params[n] for n, p in counterfactual.named_parameters()}
+        got = evaluated_effects(final, params, {stage: embedding}, inputs, targets, quantity)
+        truth = quantities_by_forward(final, inputs, targets, quantity) - quantities_by_forward(
+            counterfactual, inputs, targets, quantity
+        )
+        assert truth.abs().max() > 1e-2  # the stage did something
+        torch.testing.assert_close(got[stage], truth, atol=1e-6, rtol=0)
+
+
+def test_linear_matches_evaluated_to_first_order(model, data):
+    inputs, targets = data
+    tiny_embeddings = random_embeddings(model, scale=1e-4)
+    linear = linear_effects(model, params_of(model), tiny_embeddings, inputs, targets, "loss")
+    evaluated = evaluated_effects(model, params_of(model), tiny_embeddings, inputs, targets, "loss")
+    for stage in tiny_embeddings:
+        error = (linear[stage] - evaluated[stage]).norm() / evaluated[stage].norm()
+        assert error < 1e-2, stage
+
+
+@pytest.mark.parametrize("readout", [linear_effects, evaluated_effects])
+def test_batching_changes_nothing_and_bounds_the_batch(model, data, readout):
+    inputs, targets = data
+    sizes = []
+    model.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+    embeddings = random_embeddings(model)
+    whole = readout(model, params_of(model), embeddings, inputs, targets, "loss", batch_size=512)
+    assert max(sizes) == 20
+    sizes.clear()
+    batched = readout(model, params_of(model), embeddings, inputs, targets, "loss", batch_size=7)
+    assert max(sizes) == 7 and sum(sizes) % 20 == 0
+    for stage in embeddings:
+        torch.testing.assert_close(batched[stage], whole[stage], atol=1e-6, rtol=0)
+
+
+def test_behaviour_effects_aggregate_per_example_effects():
+    targets = torch.tensor([0, 1, 1, 2])
+    effects = {"pretrain": torch.tensor([1.0, 2.0, 4.0, 8.0], dtype=torch.float64)}
+    per = behaviour_effects(Behavior("loss", DATA), effects, targets)
+    assert per == {"pretrain": {"loss[0]": 1.0, "loss[1]": 2.0, "loss[2]": 4.0, "loss[3]": 8.0}}
+    groups = {"zero": [0], "rest": [1, 2]}
+    means = Behavior("loss", DATA, aggregate="group_mean", groups=groups)
+    got = behaviour_effects(means, effects, targets)["pretrain"]
+    assert got == pytest.approx({"loss[zero]": 1.0, "loss[rest]": 14.0 / 3})
+    gap = Behavior("loss", DATA, aggregate="group_gap", groups=groups, gap=("rest", "zero"))
+    got = behaviour_effects(gap, effects, targets)["pretrain"]["loss[rest - zero]"]
+    assert got == pytest.approx(14.0 / 3 - 1.0)
+
+
+@pytest.mark.parametrize("readout", [linear_effects, evaluated_effects])
+def test_bad_embeddings_are_refused(model, data, readout):
+    inputs, targets = data
+    params = params_of(model)
+    bad = {
+        "unknown key": ({"s": {"fc9.weight": torch.zeros(3)}}, r"'s'.*'fc9\.weight'.*Fix: "),
+        "wrong shape": (
+            {"s": {"fc1.weight": torch.zeros(784, 8)}},
+            r"'s'.*'fc1\.weight'.*\[784, 8\].*\[8, 784\].*Fix: ",
+        ),
+        "nan": ({"s": {"head.bias": torch.full((10,), float("nan"))}}, r"'s'.*'head\.bias'.*Fix: "),
+    }
+    for embeddings, message in bad.values():
+        with pytest.raises(StagetraceError, match=message):
+            readout(model, params, embeddings, inputs, targets, "loss")
+    with pytest.raises(StagetraceError, match=r"batch_size.*Fix: "):
+        readout(model, params, random_embeddings(model), inputs, targets, "loss", batch_size=0)
