@@ -1,0 +1,218 @@
+"""Pure functional optimizer steps that match ``torch.optim`` and work under ``torch.func``.
+
+E2 (DESIGN.md section 2) carries a parameter offset through later stages with the Jacobian of the
+training step. ``StepRule.step`` re-implements the single-tensor (CPU default) update of each
+recorded optimizer (``sgd``, ``sgdw``, ``adam``, ``adamw``) with the same operations in the same
+order, so its numbers equal ``torch.optim`` (``attribution.optim.SGDW`` for ``sgdw``) to round-off.
+It never modifies its inputs, calls ``.item()``/``.detach()`` or branches on tensor values, so
+``torch.func.jvp``/``vjp``/``vmap`` work through it with respect to parameters, optimizer state
+and gradients (forward-over-reverse included: the gradients may come from ``torch.func.grad``).
+
+State uses torch's slot names: ``momentum_buffer`` (SGD/SGDW with momentum != 0), and ``step``
+(0-dim float32, a count: give it a zero tangent), ``exp_avg``, ``exp_avg_sq`` (Adam/AdamW).
+Torch creates an SGD momentum buffer on a parameter's first step as a copy of the gradient; here
+the buffer always exists (zeros, from ``init_state``) so the state is a fixed pytree, and the
+names whose buffer is new are passed to that first step as ``fresh``.
+
+Replaying stage ``i`` of a trajectory (either optimizer policy: the record holds the state the
+stage started from, empty under ``reset`` and the carried entries under ``carry``)::
+
+    record, log = traj.stages[i], traj.steps(i)
+    rule = StepRule.from_record(record)
+    recorded = traj.optimizer_state(i, "start")
+    fresh = rule.fresh(recorded)
+    state = rule.init_state(params, recorded)
+    for t in range(log.num_steps):
+        grads = grad_of_loss(params, batch_t)  # exactly the names in rule.hyper (trained)
+        params, state = rule.step(
+            params, state, grads, step_lrs(record, log, t), fresh if t == 0 else frozenset()
+        )
+
+``params`` must be the parameters after the stage's ``reinit`` entry actions (the ``start``
+checkpoint is taken before them). One difference from torch: torch skips a parameter whose
+gradient is ``None`` (unused by the loss), while ``torch.func.grad`` returns zeros for it, which
+``step`` applies (decay, moment decay, step count); leave such names out of ``grads``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from attribution.optim import HYPERPARAMETERS
+from attribution.trajectory import StageRecord, StepLog
+
+Params = dict[str, torch.Tensor]
+State = dict[str, dict[str, torch.Tensor]]
+
+_ADAM_SLOTS = ("step", "exp_avg", "exp_avg_sq")
+
+
+@dataclass(frozen=True)
+class StepRule:
+    """One optimizer's update rule with per-parameter hyperparameters (from the recorded groups).
+
+    ``hyper`` maps each trained parameter name to the hyperparameters of its group, keyed as in
+    ``attribution.optim.HYPERPARAMETERS[kind]`` (no ``lr``: learning rates are given per step).
+    """
+
+    kind: str
+    hyper: Mapping[str, Mapping[str, Any]]
+
+    def __post_init__(self) -> None:
+        if self.kind not in HYPERPARAMETERS:
+            raise ValueError(f"optimizer {self.kind!r} is not one of {list(HYPERPARAMETERS)}")
+
+    @classmethod
+    def from_record(cls, record: StageRecord) -> StepRule:
+        """The rule of a recorded stage: its optimizer and each group's hyperparameters."""
+        keys = HYPERPARAMETERS[record.optimizer]
+        return cls(
+            record.optimizer,
+            {name: {k: g.hyper[k] for k in keys} for g in record.groups for name in g.params},
+        )
+
+    def slots(self, name: str) -> tuple[str, ...]:
+        """The state slots torch keeps for trained parameter ``name`` (none for plain SGD)."""
+        if self.kind in ("adam", "adamw"):
+            return _ADAM_SLOTS
+        return ("momentum_buffer",) if self.hyper[name]["momentum"] != 0 else ()
+
+    def fresh(self, state: State) -> frozenset[str]:
+        """Names whose momentum buffer torch would create at the first step from ``state``."""
+        return frozenset(
+            n for n in self.hyper if "momentum_buffer" in self.slots(n) and n not in state
+        )
+
+    def init_state(self, params: Params, state: State) -> State:
+        """Complete state of every trained parameter that has slots: its entry in ``state`` if
+        there is one (as it is), else zeros (``step`` 0), which is where torch starts Adam and,
+        with ``fresh``, SGD momentum. Entries of untrained parameters are dropped."""
+        out: State = {}
+        for name in self.hyper:
+            slots = self.slots(name)
+            if not slots:
+                continue
+            if name not in state:
+                out[name] = {
+                    s: torch.zeros((), dtype=torch.float32)
+                    if s == "step"
+                    else torch.zeros_like(params[name])
+                    for s in slots
+                }
+            elif set(state[name]) == set(slots):
+                out[name] = dict(state[name])
+            else:
+                raise ValueError(
+                    f"state of {name!r} holds slots {sorted(state[name])}, "
+                    f"{self.kind} needs {sorted(slots)}"
+                )
+        return out
+
+    def step(
+        self,
+        params: Params,
+        state: State,
+        grads: Params,
+        lrs: Mapping[str, float],
+        fresh: Collection[str] = frozenset(),
+    ) -> tuple[Params, State]:
+        """One optimizer step on the parameters in ``grads``; returns new (params, state) dicts.
+
+        ``state`` must be complete for them (see ``init_state``); ``lrs`` is the learning rate
+        of each at this step; ``fresh`` names the momentum buffers torch would create now (the
+        buffer becomes the gradient, undampened). Other parameters and entries pass unchanged.
+        """
+        unknown = sorted(set(grads) - set(self.hyper))
+        if unknown:
+            raise ValueError(f"gradients given for parameters this rule does not train: {unknown}")
+        new_params, new_state = dict(params), dict(state)
+        for name, grad in grads.items():
+            hyper, lr, slots = self.hyper[name], lrs[name], state.get(name, {})
+            if self.kind in ("adam", "adamw"):
+                p, s = _adam(params[name], slots, grad, lr, hyper, self.kind == "adamw")
+            else:
+                p, s = _sgd(
+                    params[name], slots, grad, lr, hyper, self.kind == "sgdw", name in fresh
+                )
+            new_params[name] = p
+            if s:
+                new_state[name] = s
+        return new_params, new_state
+
+
+def step_lrs(record: StageRecord, log: StepLog, t: int) -> dict[str, float]:
+    """Per-parameter learning rates of step ``t``: ``log.lr[t, i]`` for group ``i``'s names."""
+    row = log.lr[t].tolist()
+    return {n: lr for group, lr in zip(record.groups, row, strict=True) for n in group.params}
+
+
+def _sgd(
+    p: torch.Tensor,
+    slots: Mapping[str, torch.Tensor],
+    grad: torch.Tensor,
+    lr: float,
+    hyper: Mapping[str, Any],
+    decoupled: bool,
+    fresh: bool,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """torch.optim.SGD's single-tensor step; ``decoupled``: SGDW's decay of p, grad untouched."""
+    decay, momentum = hyper["weight_decay"], hyper["momentum"]
+    if decay != 0 and decoupled:
+        p = p * (1.0 - lr * decay)
+    elif decay != 0:
+        grad = torch.add(grad, p, alpha=decay)
+    if momentum == 0:
+        return torch.add(p, grad, alpha=-lr), {}
+    if fresh:
+        buf = grad
+    else:
+        buf = torch.add(slots["momentum_buffer"] * momentum, grad, alpha=1 - hyper["dampening"])
+    direction = torch.add(grad, buf, alpha=momentum) if hyper["nesterov"] else buf
+    return torch.add(p, direction, alpha=-lr), {"momentum_buffer": buf}
+
+
+def _adam(
+    p: torch.Tensor,
+    slots: Mapping[str, torch.Tensor],
+    grad: torch.Tensor,
+    lr: float,
+    hyper: Mapping[str, Any],
+    decoupled: bool,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """torch.optim.Adam's single-tensor step (AdamW: ``decoupled``), op for op.
+
+    Torch reads the step count with ``.item()`` and forms the bias corrections and step size as
+    Python floats; here they are float64 0-dim tensors, which round the same way when they meet
+    the parameter's dtype.
+    """
+    beta1, beta2 = hyper["betas"]
+    decay = hyper["weight_decay"]
+    step = slots["step"] + 1
+    if decay != 0 and decoupled:
+        p = p * (1.0 - lr * decay)
+    elif decay != 0:
+        grad = torch.add(grad, p, alpha=decay)
+    exp_avg = torch.lerp(slots["exp_avg"], grad, 1 - beta1)
+    exp_avg_sq = torch.addcmul(slots["exp_avg_sq"] * beta2, grad, grad, value=1 - beta2)
+    count = step.double()
+    # not ``lr / tensor``: Tensor.__rtruediv__ multiplies by the reciprocal (1 ulp off torch)
+    step_size = torch.tensor(lr, dtype=torch.float64) / (1 - beta1**count)
+    denom = _sqrt(exp_avg_sq) / (1 - beta2**count).sqrt() + hyper["eps"]
+    # torch: param.addcdiv_(exp_avg, denom, value=-step_size), computed as p + (value * m) / d
+    p = p + -step_size * exp_avg / denom
+    return p, {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+
+
+def _sqrt(x: torch.Tensor) -> torch.Tensor:
+    """sqrt with derivative 0 at x = 0 (values unchanged).
+
+    The second moment is 0 exactly where every gradient so far was 0 (dead ReLU units, masked
+    weights), and there the first moment is 0 too, so the true derivative of m / denom has no
+    denom term; plain sqrt's derivative there is inf and makes the tangent 0 * inf = NaN.
+    """
+    positive = x > 0
+    return torch.where(positive, torch.sqrt(torch.where(positive, x, 1.0)), 0.0)
