@@ -18,9 +18,16 @@ import torch.nn.functional as F
 
 from attribution.errors import SpecError
 
+
+def mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean squared error, written out: torch 2.13 cannot take the forward-mode derivative of
+    ``F.mse_loss``'s backward ("ZeroTensors are immutable"), which the E2 estimator needs."""
+    return (outputs - targets).square().mean()
+
+
 LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "cross_entropy": F.cross_entropy,
-    "mse": F.mse_loss,
+    "mse": mse,
     "binary_cross_entropy_with_logits": F.binary_cross_entropy_with_logits,
 }
 

@@ -17,6 +17,7 @@ import torch
 
 from attribution import SIGN_CONVENTION
 from attribution.counterfactual import check_skippable
+from attribution.entry import matching_modules
 from attribution.trajectory import Trajectory
 
 Offsets = dict[str, torch.Tensor]
@@ -80,3 +81,14 @@ def stage_displacement(traj: Trajectory, k: int, names: list[str]) -> Offsets:
     over the parameters that exist when stage k starts."""
     start, end = traj.checkpoint(k, "start"), traj.checkpoint(k, "end")
     return {n: start[n].double() - end[n].double() for n in names if n in start}
+
+
+def reinitialised(traj: Trajectory, j: int) -> set[str]:
+    """Parameters that stage j's ``reinit`` actions re-create (their offset restarts at 0)."""
+    record = traj.stages[j]
+    model = traj.build_model(j)
+    names = set()
+    for action in (a for a in record.entry if a.kind == "reinit"):
+        for module in matching_modules(model, action.modules, f"stage {record.name} entry"):
+            names |= {f"{module}.{n}" for n, _ in model.get_submodule(module).named_parameters()}
+    return names

@@ -20,9 +20,14 @@ from __future__ import annotations
 
 import torch
 
-from attribution.entry import matching_modules
 from attribution.trajectory import StageRecord, Trajectory
-from estimators.base import Estimator, Offsets, final_parameter_names, stage_displacement
+from estimators.base import (
+    Estimator,
+    Offsets,
+    final_parameter_names,
+    reinitialised,
+    stage_displacement,
+)
 
 Affine = tuple[float, float]  # coefficients of (a0, b0)
 
@@ -95,17 +100,6 @@ def carry_through_stage(
             if group.hyper.get("momentum", 0.0):
                 out_buffers[name] = _apply(c, a0, b0)
     return out, out_buffers
-
-
-def reinitialised(traj: Trajectory, j: int) -> set[str]:
-    """Parameters that stage j's ``reinit`` actions re-create (their offset restarts at 0)."""
-    record: StageRecord = traj.stages[j]
-    model = traj.build_model(j)
-    names = set()
-    for action in (a for a in record.entry if a.kind == "reinit"):
-        for module in matching_modules(model, action.modules, f"stage {record.name} entry"):
-            names |= {f"{module}.{n}" for n, _ in model.get_submodule(module).named_parameters()}
-    return names
 
 
 def _sgd_family(kind: str, hyper: dict, rates: list[float], first: bool) -> tuple[Affine, Affine]:
