@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from attribution import SIGN_CONVENTION
+from attribution.artifacts import load_artifact, save_artifact
 from attribution.errors import StagetraceError, TrajectoryError
 from attribution.optim import OptimizerState
 from attribution.pipeline import StepCallback, add_adapters, continue_stage
@@ -25,6 +25,7 @@ from attribution.trajectory import Trajectory, load_state, snapshot
 
 SCHEMA = "stagetrace.counterfactual"
 SCHEMA_VERSION = 1
+FINAL = "final.safetensors"
 
 
 @dataclass(frozen=True)
@@ -44,33 +45,21 @@ def skip_stage(
     k = check_skippable(traj, stage)
     name = traj.stages[k].name
     folder = f"counterfactuals/skip-{name}"
-    meta_name, final_name = f"{folder}/meta.json", f"{folder}/final.safetensors"
-    fingerprint = traj.fingerprint()
-    if traj.store.exists(meta_name):
-        meta = _stored_meta(traj, meta_name, fingerprint, f"delete {traj.store.where(folder)}")
-        state = traj.store.get_tensors(final_name, meta["sha256"])
-        return Counterfactual(name, state, float(meta["seconds"]), reused=True)
-
+    stored = load_artifact(traj, folder, FINAL, SCHEMA, SCHEMA_VERSION)
+    if stored is not None:
+        return Counterfactual(name, stored.tensors, float(stored.meta["seconds"]), reused=True)
     began = time.perf_counter()
     skipped_state = traj.optimizer_state(k - 1, "end") if k else {}
     state = retrain_after(traj, k, traj.checkpoint(k, "start"), skipped_state, on_step)
     seconds = time.perf_counter() - began
     later = traj.stages[k + 1 :]
-    sha = traj.store.put_tensors(final_name, state, {"schema": SCHEMA, "skipped_stage": name})
-    traj.store.put_json(
-        meta_name,
-        {
-            "schema": SCHEMA,
-            "schema_version": SCHEMA_VERSION,
-            "skipped_stage": name,
-            "sign_convention": SIGN_CONVENTION,
-            "trajectory_fingerprint": fingerprint,
-            "retrained_stages": [r.name for r in later],
-            "retrained_steps": sum(r.num_steps for r in later),
-            "seconds": seconds,
-            "sha256": sha,
-        },
-    )
+    meta = {
+        "skipped_stage": name,
+        "retrained_stages": [r.name for r in later],
+        "retrained_steps": sum(r.num_steps for r in later),
+        "seconds": seconds,
+    }
+    save_artifact(traj, folder, FINAL, SCHEMA, SCHEMA_VERSION, state, meta)
     return Counterfactual(name, state, seconds, reused=False)
 
 
@@ -130,29 +119,3 @@ def _check_carry(traj: Trajectory, k: int) -> None:
                 f"from {before.name!r} into the {after.optimizer} stage {after.name!r}. Fix: "
                 f"skip a different stage, or record {after.name!r} with optimizer_policy reset"
             )
-
-
-def _stored_meta(traj: Trajectory, meta_name: str, fingerprint: str, fix: str) -> dict:
-    """The metadata of a stored counterfactual, if it belongs to this exact recording."""
-    meta = traj.store.get_json(meta_name)
-    where = traj.store.where(meta_name)
-    if not isinstance(meta, dict) or meta.get("schema") != SCHEMA:
-        raise TrajectoryError(where, "is not counterfactual metadata", f"{fix} to recompute it")
-    if meta.get("schema_version") != SCHEMA_VERSION:
-        raise TrajectoryError(
-            where,
-            f"schema_version {meta.get('schema_version')!r} is not supported",
-            f"{fix} to recompute it",
-            field="schema_version",
-        )
-    if meta.get("trajectory_fingerprint") != fingerprint:
-        raise TrajectoryError(
-            where,
-            "was computed from a different recording of this run",
-            f"{fix} to recompute it",
-            field="trajectory_fingerprint",
-        )
-    for field in ("sha256", "seconds"):
-        if field not in meta:
-            raise TrajectoryError(where, "is incomplete", f"{fix} to recompute it", field=field)
-    return meta

@@ -434,7 +434,7 @@ def test_stage_name_that_is_not_a_folder_name_is_refused_before_anything_is_writ
 @pytest.mark.parametrize(
     ("damage", "named"),
     [
-        (lambda meta: [meta], "not counterfactual metadata"),
+        (lambda meta: [meta], "not stagetrace.counterfactual metadata"),
         (lambda meta: {**meta, "schema_version": 99}, "schema_version 99"),
         (lambda meta: {k: v for k, v in meta.items() if k != "seconds"}, "(field seconds)"),
         (lambda meta: {k: v for k, v in meta.items() if k != "sha256"}, "(field sha256)"),
