@@ -9,11 +9,14 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from attribution import SIGN_CONVENTION
+from attribution.audit import audit, default_behaviors_file, load_behaviors, validate
 from attribution.counterfactual import skip_stage
 from attribution.errors import StagetraceError
 from attribution.pipeline import max_abs_diff, replay
+from attribution.store import DiskStore
 from attribution.trajectory import Trajectory
 
 
@@ -38,11 +41,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     cf.add_argument("run")
     cf.add_argument("--skip", required=True, metavar="STAGE", help="name of the stage to skip")
 
+    for name, helptext in (
+        ("audit", "attribute behaviours to stages with an estimator"),
+        ("validate", "compare estimators with skip-stage retraining"),
+    ):
+        sub = commands.add_parser(name, help=helptext)
+        sub.add_argument("run")
+        if name == "audit":
+            sub.add_argument("--estimator", default="e1", help="e0, e1 or e2 (default e1)")
+            sub.add_argument("--readout", default="linear", help="linear or evaluated")
+        else:
+            sub.add_argument("--estimators", default="e0,e1,e2", help="comma-separated")
+            sub.add_argument("--readouts", default="linear,evaluated", help="comma-separated")
+        sub.add_argument(
+            "--behaviors",
+            metavar="FILE",
+            help="YAML behaviours (default: behaviors.yaml of the run directory)",
+        )
+        sub.add_argument("--batch-size", type=int, default=512, help="examples per forward pass")
+        sub.add_argument(
+            "--out",
+            metavar="FILE",
+            help=f"result file (default: {name_of(name)} in the run directory)",
+        )
+
     args = parser.parse_args(argv)
     try:
-        return {"inspect": _inspect, "replay": _replay, "counterfactual": _counterfactual}[
-            args.command
-        ](args)
+        return {
+            "inspect": _inspect,
+            "replay": _replay,
+            "counterfactual": _counterfactual,
+            "audit": _audit,
+            "validate": _validate,
+        }[args.command](args)
     except StagetraceError as exc:
         print(f"stagetrace: error: {exc}", file=sys.stderr)
         return 2
@@ -86,6 +117,73 @@ def _counterfactual(args: argparse.Namespace) -> int:
     print(f"max |theta_T^(-k) - theta_T| = {moved:.4g}")
     print(f"sign convention: {SIGN_CONVENTION}")
     return 0
+
+
+def name_of(command: str) -> str:
+    return {"audit": "attribution.json", "validate": "validation.json"}[command]
+
+
+def _behaviors(args: argparse.Namespace) -> dict:
+    return load_behaviors(args.behaviors or default_behaviors_file(args.run))
+
+
+def _write(args: argparse.Namespace, traj: Trajectory, result: dict) -> Path:
+    """Write the report atomically beside the trajectory (in its Hydra run directory if any)."""
+    out = Path(args.out) if args.out else _run_dir(args.run, traj) / name_of(args.command)
+    DiskStore(out.parent).put_json(out.name, result)
+    return out
+
+
+def _run_dir(run: str, traj: Trajectory) -> Path:
+    return Path(run) if Path(run).resolve() != traj.root.resolve() else traj.root
+
+
+def _audit(args: argparse.Namespace) -> int:
+    traj = Trajectory.open(args.run)
+    result = audit(traj, args.estimator, _behaviors(args), args.readout, args.batch_size)
+    behaviors = list(result["behaviors"])
+    print(f"estimator {args.estimator}, {args.readout} read-out: mean effect per stage")
+    print(f"{'stage':<14}" + "".join(f"{b[:18]:>20}" for b in behaviors))
+    for stage in result["stages"]:
+        row = "".join(f"{result['behaviors'][b]['mean_effect'][stage]:>+20.5f}" for b in behaviors)
+        print(f"{stage:<14}{row}")
+    print(f"sign convention: {SIGN_CONVENTION}")
+    print(f"-> {_write(args, traj, result)}")
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    traj = Trajectory.open(args.run)
+    result = validate(
+        traj,
+        args.estimators.split(","),
+        args.readouts.split(","),
+        _behaviors(args),
+        args.batch_size,
+    )
+    print(fidelity_table(result))
+    print(f"-> {_write(args, traj, result)}")
+    return 0
+
+
+def fidelity_table(result: dict) -> str:
+    """The validation rows as a Markdown table (what docs/results.md shows)."""
+    head = (
+        "| estimator | read-out | behaviour | stage | Pearson | Spearman | sign agr. | "
+        "mean effect (true) | mean-effect error | top-stage agr. | seconds | x truth |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['estimator']} | {r['readout']} | {r['behavior']} | {r['stage']} | "
+            f"{r['pearson']:.3f} | {r['spearman']:.3f} | {r['sign_agreement']:.3f} | "
+            f"{r['mean_effect_true']:+.4f} | {r['mean_effect_error']:+.4f} | "
+            f"{r['top_stage_agreement']:.3f} | {r['seconds']:.2f} | {r['cost_ratio']:.3f} |"
+        )
+    lines.append(
+        f"\nground truth (retraining without each stage): {result['ground_truth_seconds']:.2f} s"
+    )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -165,6 +165,13 @@ def train_stage(
         record.optimizer, [([params[n] for n in g.params], g.hyper) for g in record.groups]
     )
     load_state_by_name(optimizer, state, names)
+    if steps.num_steps and not steps.indices.numel():
+        raise TrajectoryError(
+            f"stage {record.name}",
+            "recorded no batch order, which replays and retraining need",
+            "record the stage with stage.log_batch(indices) before every optimizer step",
+            field="steps.batch_indices",
+        )
     dataset = load_dataset(record.data)
     _check_indices(steps, len(dataset), record)
     loss_fn = loss_function(record.loss)

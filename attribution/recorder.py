@@ -63,9 +63,12 @@ class Recorder:
         batch_size: int | None = None,
         entry: Sequence[Mapping[str, Any]] = (),
         optimizer_policy: str = "reset",
+        log_batches: bool = True,
     ) -> StageRecording:
         """A context in which one stage trains. Entry actions are applied on entering it;
-        ``seed`` seeds the global torch RNG there and the entry actions."""
+        ``seed`` seeds the global torch RNG there and the entry actions. With
+        ``log_batches=False`` no batch order is recorded: the stage cannot be replayed or
+        retrained, and only estimators that need no batches (E0, E1) can audit it."""
         check_stage_name(name, f"stage {name!r}")
         if kind not in STAGE_KINDS:
             raise StagetraceError(
@@ -81,7 +84,7 @@ class Recorder:
             for i, a in enumerate(entry)
         )
         return StageRecording(
-            self, name, kind, data, seed, loss, batch_size, actions, optimizer_policy
+            self, name, kind, data, seed, loss, batch_size, actions, optimizer_policy, log_batches
         )
 
     def finish(self) -> Trajectory:
@@ -104,8 +107,10 @@ class StageRecording:
         batch_size: int | None,
         entry: tuple[EntryAction, ...],
         policy: str,
+        log_batches: bool,
     ) -> None:
         self.recorder = recorder
+        self.log_batches = log_batches
         self.name, self.kind, self.data, self.seed, self.loss = name, kind, data, seed, loss
         self.batch_size, self.entry, self.policy = batch_size, entry, policy
         self.optimizer: torch.optim.Optimizer | None = None
@@ -168,6 +173,8 @@ class StageRecording:
 
     def _before_step(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
         step = len(self.lrs)
+        if self._pending is None and not self.log_batches:
+            self._pending = torch.zeros(0, dtype=torch.int64)
         if self._pending is None:
             raise StagetraceError(
                 f"stage {self.name!r} step {step}: the optimizer stepped "

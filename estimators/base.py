@@ -8,6 +8,8 @@ Parameters missing from an embedding have offset 0.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,6 +18,7 @@ from typing import Any, ClassVar
 import torch
 
 from attribution import SIGN_CONVENTION
+from attribution.artifacts import load_artifact, save_artifact
 from attribution.counterfactual import check_skippable
 from attribution.entry import matching_modules
 from attribution.trajectory import Trajectory
@@ -69,6 +72,40 @@ class Estimator:
         offsets = self.offsets(traj, counts)
         seconds = time.perf_counter() - began
         return StageEmbeddings(self.name, self.settings(), offsets, seconds, counts)
+
+
+SCHEMA = "stagetrace.embeddings"
+SCHEMA_VERSION = 1
+OFFSETS = "offsets.safetensors"
+
+
+def stored_embeddings(estimator: Estimator, traj: Trajectory) -> tuple[StageEmbeddings, bool]:
+    """The estimator's embeddings of ``traj`` and whether they were reused: computed once per
+    recording and settings, stored under ``embeddings/<name>-<settings hash>/``."""
+    settings = json.dumps(estimator.settings(), sort_keys=True)
+    folder = f"embeddings/{estimator.name}-{hashlib.sha256(settings.encode()).hexdigest()[:10]}"
+    stored = load_artifact(traj, folder, OFFSETS, SCHEMA, SCHEMA_VERSION)
+    if stored is not None:
+        offsets: dict[str, Offsets] = {s: {} for s in stored.meta["stages"]}
+        for key, value in stored.tensors.items():
+            stage, _, name = key.partition("/")
+            offsets[stage][name] = value
+        meta = stored.meta
+        return StageEmbeddings(
+            meta["estimator"], meta["settings"], offsets, meta["seconds"], meta["counts"]
+        ), True
+    result = estimator.embed(traj)
+    tensors = {f"{s}/{n}": v for s, offset in result.offsets.items() for n, v in offset.items()}
+    meta = {
+        "estimator": result.estimator,
+        "settings": dict(result.settings),
+        "stages": list(result.offsets),
+        "seconds": result.seconds,
+        "counts": dict(result.counts),
+        "meaning": "offset[k] estimates theta_T^(-k) - theta_T",
+    }
+    save_artifact(traj, folder, OFFSETS, SCHEMA, SCHEMA_VERSION, tensors, meta)
+    return result, False
 
 
 def final_parameter_names(traj: Trajectory) -> list[str]:

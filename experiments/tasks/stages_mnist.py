@@ -13,9 +13,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from attribution import SIGN_CONVENTION
+from attribution.audit import BEHAVIORS_FILE
+from attribution.behaviors import Behavior
 from attribution.counterfactual import as_model, skip_stage
 from attribution.pipeline import StepCallback, run_pipeline
 from attribution.references import Ref, load_dataset
@@ -31,6 +34,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Record the pipeline under ``run_dir/trajectory``; with ``ground_truth``, skip each stage."""
     config = OmegaConf.to_container(cfg, resolve=True)
     spec = PipelineSpec.from_dict(config["pipeline"])
+    for name, behavior in config["behaviors"].items():
+        Behavior.from_dict(name, behavior, f"behaviors.{name}")
+    (run_dir / BEHAVIORS_FILE).write_text(yaml.safe_dump(config["behaviors"], sort_keys=False))
     logger = make_logger(config["logger"], run_dir, config)
     began = time.perf_counter()
     traj = run_pipeline(spec, run_dir / "trajectory", _progress(logger))

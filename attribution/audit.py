@@ -1,0 +1,249 @@
+"""The audit: which stage is accountable for each behaviour, and by how much; and validation of
+the estimators against real skip-stage retraining.
+
+Effects follow the project's sign convention, effect_k(f) = f(theta_T) - f(theta_T^(-k)): for
+a loss, a positive effect means stage k raised it (blame), a negative one lowered it (credit).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from attribution import SIGN_CONVENTION, metrics
+from attribution.behaviors import Behavior, per_example
+from attribution.counterfactual import skip_stage
+from attribution.errors import SpecError, StagetraceError
+from attribution.readout import behaviour_effects, evaluated_effects, linear_effects
+from attribution.references import resolve
+from attribution.trajectory import Trajectory
+from estimators import ESTIMATORS, EVIDENCE, Estimator, stored_embeddings
+
+READOUTS = {"linear": linear_effects, "evaluated": evaluated_effects}
+BEHAVIORS_FILE = "behaviors.yaml"
+
+
+def available_evidence(traj: Trajectory) -> set[str]:
+    """What the recording holds, in the vocabulary of ``estimators.EVIDENCE``."""
+    evidence = {
+        "boundary_checkpoints",
+        "learning_rates",
+        "optimizer_hyperparameters",
+        "optimizer_state",
+    }
+    if all(traj.steps(i).indices.numel() for i in range(len(traj.stages))):
+        evidence.add("batch_order")
+    try:
+        for record in traj.stages:
+            resolve(record.data.target)
+        evidence.add("stage_data")
+    except StagetraceError:
+        pass
+    return evidence
+
+
+def estimator_for(name: str, traj: Trajectory) -> Estimator:
+    """The named estimator, refused with what is missing if the recording cannot support it."""
+    if name not in ESTIMATORS:
+        raise StagetraceError(
+            f"unknown estimator {name!r}. Fix: use one of {', '.join(ESTIMATORS)}"
+        )
+    estimator = ESTIMATORS[name]()
+    missing = sorted(estimator.requires - available_evidence(traj))
+    if missing:
+        usable = [n for n, cls in ESTIMATORS.items() if cls.requires <= available_evidence(traj)]
+        raise StagetraceError(
+            f"estimator {name} needs {'; '.join(EVIDENCE[m] for m in missing)}, which this "
+            f"trajectory does not hold. Fix: use {' or '.join(usable) or 'a fuller recording'}"
+        )
+    return estimator
+
+
+def load_behaviors(path: Path | str) -> dict[str, Behavior]:
+    """Behaviours from a YAML or JSON file mapping each name to its settings."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(
+            str(path),
+            "no such behaviours file",
+            "give --behaviors FILE (YAML: name -> {data, quantity, aggregate, ...})",
+        )
+    obj = yaml.safe_load(path.read_text())
+    if not isinstance(obj, Mapping) or not obj:
+        raise SpecError(
+            str(path),
+            "expected a non-empty mapping of behaviour names",
+            "write `name: {data: {target: ..., kwargs: {...}}, quantity: loss}`",
+        )
+    return {str(n): Behavior.from_dict(str(n), spec, f"{path}:{n}") for n, spec in obj.items()}
+
+
+def default_behaviors_file(run: Path | str) -> Path:
+    """``behaviors.yaml`` of a Hydra run directory (given it or its ``trajectory/``)."""
+    run = Path(run)
+    return next(
+        (p for p in (run / BEHAVIORS_FILE, run.parent / BEHAVIORS_FILE) if p.is_file()),
+        run / BEHAVIORS_FILE,
+    )
+
+
+def audit(
+    traj: Trajectory,
+    estimator: str,
+    behaviors: Mapping[str, Behavior],
+    readout: str = "linear",
+    batch_size: int = 512,
+) -> dict[str, Any]:
+    """Stage effects on every behaviour: per stage, each output's effect and their mean."""
+    if readout not in READOUTS:
+        raise StagetraceError(
+            f"unknown read-out {readout!r}. Fix: use one of {', '.join(READOUTS)}"
+        )
+    data = {name: b.load() for name, b in behaviors.items()}
+    embeddings, reused = stored_embeddings(estimator_for(estimator, traj), traj)
+    model, params = final_model(traj)
+    began = time.perf_counter()
+    results = {}
+    for name, behavior in behaviors.items():
+        inputs, targets = data[name]
+        effects = READOUTS[readout](
+            model, params, embeddings.offsets, inputs, targets, behavior.quantity, batch_size
+        )
+        per_output = behaviour_effects(behavior, effects, targets)
+        results[name] = {
+            "quantity": behavior.quantity,
+            "aggregate": behavior.aggregate,
+            "outputs": list(next(iter(per_output.values()))),
+            "mean_effect": {s: float(np.mean(list(v.values()))) for s, v in per_output.items()},
+            "effects": {s: list(v.values()) for s, v in per_output.items()},
+        }
+    return {
+        "sign_convention": SIGN_CONVENTION,
+        "trajectory": str(traj.root),
+        "estimator": {
+            "name": embeddings.estimator,
+            "settings": dict(embeddings.settings),
+            "seconds": embeddings.seconds,
+            "counts": dict(embeddings.counts),
+            "reused": reused,
+        },
+        "readout": readout,
+        "readout_seconds": time.perf_counter() - began,
+        "stages": traj.names,
+        "behaviors": results,
+    }
+
+
+def validate(
+    traj: Trajectory,
+    estimators: Sequence[str],
+    readouts: Sequence[str],
+    behaviors: Mapping[str, Behavior],
+    batch_size: int = 512,
+) -> dict[str, Any]:
+    """Estimated against true per-example effects, per estimator, read-out, per-example behaviour
+    and stage (group behaviours are aggregates of the same per-example effects).
+
+    The truth retrains without each stage (stored under the run and reused) and evaluates
+    f(theta_T) - f(theta_T^(-k)) directly.
+    """
+    behaviors = {n: b for n, b in behaviors.items() if b.aggregate == "per_example"}
+    if not behaviors:
+        raise SpecError(
+            "behaviors",
+            "validation needs at least one per_example behaviour",
+            "add e.g. `test_loss: {data: ..., quantity: loss}`",
+        )
+    for name in estimators:
+        estimator_for(name, traj)
+    if any(r not in READOUTS for r in readouts):
+        raise StagetraceError(
+            f"unknown read-out in {list(readouts)}. Fix: use {', '.join(READOUTS)}"
+        )
+    model, params = final_model(traj)
+    truths = {s: skip_stage(traj, s) for s in traj.names}
+    truth_seconds = sum(cf.seconds for cf in truths.values())
+    data = {name: b.load() for name, b in behaviors.items()}
+    true_effects = {}
+    for name, behavior in behaviors.items():
+        inputs, targets = data[name]
+        final = per_example(model, params, inputs, targets, behavior.quantity).double()
+        true_effects[name] = {
+            s: final
+            - per_example(
+                model, {n: cf.state[n] for n in params}, inputs, targets, behavior.quantity
+            ).double()
+            for s, cf in truths.items()
+        }
+    rows = []
+    for estimator in estimators:
+        embeddings, _ = stored_embeddings(estimator_for(estimator, traj), traj)
+        for readout in readouts:
+            for name, behavior in behaviors.items():
+                inputs, targets = data[name]
+                began = time.perf_counter()
+                estimated = READOUTS[readout](
+                    model,
+                    params,
+                    embeddings.offsets,
+                    inputs,
+                    targets,
+                    behavior.quantity,
+                    batch_size,
+                )
+                seconds = embeddings.seconds + time.perf_counter() - began
+                rows += _fidelity(
+                    estimator, readout, name, estimated, true_effects[name], seconds, truth_seconds
+                )
+    return {
+        "sign_convention": SIGN_CONVENTION,
+        "trajectory": str(traj.root),
+        "ground_truth_seconds": truth_seconds,
+        "rows": rows,
+    }
+
+
+def final_model(traj: Trajectory) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """The final model (as a function) and its parameters theta_T."""
+    last = len(traj.stages) - 1
+    model = traj.build_model(last)
+    state = traj.checkpoint(last, "end")
+    return model, {n: state[n] for n, _ in model.named_parameters()}
+
+
+def _fidelity(
+    estimator: str,
+    readout: str,
+    behavior: str,
+    estimated: Mapping[str, torch.Tensor],
+    truth: Mapping[str, torch.Tensor],
+    seconds: float,
+    truth_seconds: float,
+) -> list[dict[str, Any]]:
+    stages = list(truth)
+    est = np.stack([estimated[s].numpy() for s in stages])
+    tru = np.stack([truth[s].numpy() for s in stages])
+    top = metrics.top_stage_agreement(est, tru)
+    return [
+        {
+            "estimator": estimator,
+            "readout": readout,
+            "behavior": behavior,
+            "stage": stage,
+            "pearson": metrics.pearson(est[i], tru[i]),
+            "spearman": metrics.spearman(est[i], tru[i]),
+            "sign_agreement": metrics.sign_agreement(est[i], tru[i]),
+            "mean_effect_true": float(tru[i].mean()),
+            "mean_effect_error": metrics.mean_effect_error(est[i], tru[i]),
+            "top_stage_agreement": top,
+            "seconds": seconds,
+            "cost_ratio": seconds / truth_seconds if truth_seconds else float("nan"),
+        }
+        for i, stage in enumerate(stages)
+    ]
