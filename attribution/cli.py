@@ -129,13 +129,12 @@ def _behaviors(args: argparse.Namespace) -> dict:
 
 def _write(args: argparse.Namespace, traj: Trajectory, result: dict) -> Path:
     """Write the report atomically beside the trajectory (in its Hydra run directory if any)."""
-    out = Path(args.out) if args.out else _run_dir(args.run, traj) / name_of(args.command)
+    run = Path(args.run)
+    out = (
+        Path(args.out) if args.out else (run if run.is_dir() else traj.root) / name_of(args.command)
+    )
     DiskStore(out.parent).put_json(out.name, result)
     return out
-
-
-def _run_dir(run: str, traj: Trajectory) -> Path:
-    return Path(run) if Path(run).resolve() != traj.root.resolve() else traj.root
 
 
 def _audit(args: argparse.Namespace) -> int:

@@ -239,8 +239,21 @@ def _batched_jvp(
 
 
 def _stack(items: list[tuple[Params, State]]) -> tuple[Params, State]:
-    return torch.utils._pytree.tree_map(lambda *xs: torch.stack(xs), *items)
+    """Tangents of several stages as one batch (leading dimension: stage)."""
+    params = {n: torch.stack([p[n] for p, _ in items]) for n in items[0][0]}
+    state = {
+        n: {s: torch.stack([st[n][s] for _, st in items]) for s in slots}
+        for n, slots in items[0][1].items()
+    }
+    return params, state
 
 
-def _unstack(stacked: tuple[Params, State], n: int) -> list[tuple[Params, State]]:
-    return [torch.utils._pytree.tree_map(lambda x, i=i: x[i], stacked) for i in range(n)]
+def _unstack(stacked: tuple[Params, State], count: int) -> list[tuple[Params, State]]:
+    params, state = stacked
+    return [
+        (
+            {n: v[i] for n, v in params.items()},
+            {n: {s: v[i] for s, v in slots.items()} for n, slots in state.items()},
+        )
+        for i in range(count)
+    ]
