@@ -37,7 +37,7 @@ def available_evidence(traj: Trajectory) -> set[str]:
         "optimizer_hyperparameters",
         "optimizer_state",
     }
-    if all(traj.steps(i).indices.numel() for i in range(len(traj.stages))):
+    if all(traj.steps(i).has_batch_order for i in range(len(traj.stages))):
         evidence.add("batch_order")
     try:
         for record in traj.stages:
@@ -85,12 +85,12 @@ def load_behaviors(path: Path | str) -> dict[str, Behavior]:
 
 
 def default_behaviors_file(run: Path | str) -> Path:
-    """``behaviors.yaml`` of a Hydra run directory (given it or its ``trajectory/``)."""
+    """``behaviors.yaml`` of a run directory, or of the Hydra run directory holding a
+    ``trajectory/`` folder given as the run."""
     run = Path(run)
-    return next(
-        (p for p in (run / BEHAVIORS_FILE, run.parent / BEHAVIORS_FILE) if p.is_file()),
-        run / BEHAVIORS_FILE,
-    )
+    if run.name == "trajectory" and (run.parent / BEHAVIORS_FILE).is_file():
+        return run.parent / BEHAVIORS_FILE
+    return run / BEHAVIORS_FILE
 
 
 def audit(
@@ -166,10 +166,10 @@ def validate(
         raise StagetraceError(
             f"unknown read-out in {list(readouts)}. Fix: use {', '.join(READOUTS)}"
         )
+    data = {name: b.load() for name, b in behaviors.items()}
     model, params = final_model(traj)
     truths = {s: skip_stage(traj, s) for s in traj.names}
     truth_seconds = sum(cf.seconds for cf in truths.values())
-    data = {name: b.load() for name, b in behaviors.items()}
     true_effects = {}
     for name, behavior in behaviors.items():
         inputs, targets = data[name]

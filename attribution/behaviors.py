@@ -79,10 +79,11 @@ class Behavior:
         try:
             dataset = load_dataset(self.data)
         except (StagetraceError, ValueError, TypeError) as exc:
+            problem = str(exc).split(". Fix:")[0]
             raise SpecError(
                 where,
                 f"cannot build the dataset {self.data.target!r} with {dict(self.data.kwargs)} "
-                f"({exc})",
+                f"({problem})",
                 "correct the reference or its keyword arguments",
             ) from exc
         tensors = dataset.tensors if isinstance(dataset, TensorDataset) else ()
@@ -92,6 +93,12 @@ class Behavior:
                 f"{self.data.target!r} returned {type(dataset).__name__}, not a "
                 "TensorDataset(inputs, int64 labels [N])",
                 "point the reference at a function that returns TensorDataset(inputs, labels)",
+            )
+        if not len(tensors[1]):
+            raise SpecError(
+                where,
+                f"{self.data.target!r} returned no examples",
+                "point the reference at a non-empty selection of data",
             )
         return tensors[0], tensors[1]
 

@@ -165,10 +165,10 @@ def train_stage(
         record.optimizer, [([params[n] for n in g.params], g.hyper) for g in record.groups]
     )
     load_state_by_name(optimizer, state, names)
-    if steps.num_steps and not steps.indices.numel():
+    if not steps.has_batch_order:
         raise TrajectoryError(
             f"stage {record.name}",
-            "recorded no batch order, which replays and retraining need",
+            "recorded no batch order (or not for every step), which replays and retraining need",
             "record the stage with stage.log_batch(indices) before every optimizer step",
             field="steps.batch_indices",
         )

@@ -169,6 +169,11 @@ class StageRecording:
 
     def log_batch(self, indices: torch.Tensor | Sequence[int]) -> None:
         """The dataset indices of the batch the next optimizer step trains on."""
+        if not self.log_batches:
+            raise StagetraceError(
+                f"stage {self.name!r} was opened with log_batches=False. Fix: log every batch "
+                "(log_batches=True) or none"
+            )
         self._pending = torch.as_tensor(indices, dtype=torch.int64).flatten().clone()
 
     def _before_step(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:

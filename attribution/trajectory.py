@@ -152,6 +152,11 @@ class StepLog:
     def num_steps(self) -> int:
         return self.lr.shape[0]
 
+    @property
+    def has_batch_order(self) -> bool:
+        """Whether every step's batch was recorded (replays and E2 need it)."""
+        return bool((self.offsets[1:] > self.offsets[:-1]).all())
+
     def batch(self, t: int) -> torch.Tensor:
         return self.indices[self.offsets[t] : self.offsets[t + 1]]
 
