@@ -97,7 +97,7 @@ def audit(
     traj: Trajectory,
     estimator: str,
     behaviors: Mapping[str, Behavior],
-    readout: str = "linear",
+    readout: str = "evaluated",
     batch_size: int = 512,
 ) -> dict[str, Any]:
     """Stage effects on every behaviour: per stage, each output's effect and their mean."""

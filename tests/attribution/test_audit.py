@@ -110,7 +110,7 @@ def test_audit_prints_every_stage_and_writes_attribution_json(shared_run, behavi
     )
     assert (code, err) == (0, "")
     lines = out.splitlines()
-    assert "e1" in lines[0] and "linear" in lines[0]
+    assert "e1" in lines[0] and "evaluated" in lines[0]
     header = lines[1].split()
     assert header == ["stage", "test_loss", "test_margin", "groups"]
     for stage in STAGES:
@@ -122,7 +122,7 @@ def test_audit_prints_every_stage_and_writes_attribution_json(shared_run, behavi
     result = json.loads((shared_run / "attribution.json").read_text())
     assert result["sign_convention"] == SIGN_CONVENTION
     assert result["estimator"]["name"] == "e1"
-    assert result["readout"] == "linear"
+    assert result["readout"] == "evaluated"
     assert result["stages"] == STAGES
     assert set(result["behaviors"]) == {"test_loss", "test_margin", "groups"}
     for name, behavior in result["behaviors"].items():
