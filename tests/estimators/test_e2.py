@@ -55,9 +55,15 @@ def test_e2_equals_retraining_on_a_quadratic_loss(optimizers, policies):
     traj = record(MSE, optimizers, policies)
     embeddings = E2().embed(traj)
     assert embeddings.counts["jvp_steps"] == 24
+    f = held_out_loss(traj)
+    gradient = torch.func.grad(f)(dict(final_state(traj)))
+    adjoint = adjoint_effects(traj, f)
     for stage in traj.names:
         truth = offsets_of(traj, skip_stage(traj, stage).state)
         assert_offsets_equal(embeddings.offsets[stage], truth, atol=1e-10)
+        # The adjoint form equals the linear read-out of the true offset.
+        exact = -sum(float((gradient[n] * v).sum()) for n, v in truth.items())
+        assert adjoint[stage] == pytest.approx(exact, rel=1e-9, abs=1e-12)
 
 
 @pytest.mark.parametrize(
