@@ -49,12 +49,17 @@ def available_evidence(traj: Trajectory) -> set[str]:
 
 
 def estimator_for(name: str, traj: Trajectory) -> Estimator:
-    """The named estimator, refused with what is missing if the recording cannot support it."""
-    if name not in ESTIMATORS:
+    """The named estimator (``e4:STRIDE`` picks E4's stride), refused with what is missing if
+    the recording cannot support it."""
+    base, _, stride = name.partition(":")
+    if base not in ESTIMATORS or (
+        stride and (base != "e4" or not stride.isdigit() or int(stride) < 1)
+    ):
         raise StagetraceError(
-            f"unknown estimator {name!r}. Fix: use one of {', '.join(ESTIMATORS)}"
+            f"unknown estimator {name!r}. Fix: use one of {', '.join(ESTIMATORS)}, or "
+            "e4:STRIDE with a positive STRIDE"
         )
-    estimator = ESTIMATORS[name]()
+    estimator = ESTIMATORS[base](int(stride)) if stride else ESTIMATORS[base]()
     missing = sorted(estimator.requires - available_evidence(traj))
     if missing:
         usable = [n for n, cls in ESTIMATORS.items() if cls.requires <= available_evidence(traj)]

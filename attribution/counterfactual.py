@@ -12,6 +12,7 @@ run declared without stage k. Results are stored under the run in
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +22,7 @@ from attribution.artifacts import load_artifact, save_artifact
 from attribution.errors import StagetraceError, TrajectoryError
 from attribution.optim import OptimizerState
 from attribution.pipeline import StepCallback, add_adapters, continue_stage
-from attribution.trajectory import Trajectory, load_state, snapshot
+from attribution.trajectory import StageRecord, StepLog, Trajectory, load_state, snapshot
 
 SCHEMA = "stagetrace.counterfactual"
 SCHEMA_VERSION = 1
@@ -69,15 +70,21 @@ def retrain_after(
     state: dict[str, torch.Tensor],
     optimizer_state: OptimizerState,
     on_step: StepCallback | None = None,
+    later: Sequence[tuple[StageRecord, StepLog]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Final parameters and buffers from running stages k+1..K as recorded, starting from
-    ``state`` (in stage k's structure) and ``optimizer_state`` (the state in hand after k)."""
+    ``state`` (in stage k's structure) and ``optimizer_state`` (the state in hand after k).
+
+    ``later`` replaces the recorded (record, steps) of those stages, e.g. with a coarser
+    schedule; by default they run exactly as recorded.
+    """
+    if later is None:
+        later = [(traj.stages[j], traj.steps(j)) for j in range(k + 1, len(traj.stages))]
     model = traj.build_model(k)
     load_state(model, state, f"start of the stages after {traj.stages[k].name}")
-    for j in range(k + 1, len(traj.stages)):
-        record = traj.stages[j]
+    for record, steps in later:
         add_adapters(model, record.entry, record.name)
-        optimizer_state = continue_stage(model, record, traj.steps(j), optimizer_state, on_step)
+        optimizer_state = continue_stage(model, record, steps, optimizer_state, on_step)
     return snapshot(model)
 
 
