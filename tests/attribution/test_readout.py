@@ -42,7 +42,10 @@ def params_of(model):
 def random_embeddings(model, scale=0.1):
     """Two random embeddings: one over every parameter, one over a subset (others are 0)."""
     gen = torch.Generator().manual_seed(1)
-    draw = lambda p: scale * torch.randn(p.shape, generator=gen, dtype=p.dtype)  # noqa: E731
+
+    def draw(p):
+        return scale * torch.randn(p.shape, generator=gen, dtype=p.dtype)
+
     params = params_of(model)
     return {
         "full": {n: draw(p) for n, p in params.items()},
