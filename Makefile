@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 # This machine carries a CPU wheel of this torch; a bare `torch` requirement would pull a CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: setup test demo lint format clean
+.PHONY: setup test demo bench lint format clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ test: setup
 
 demo: setup
 	$(BIN)/python -m experiments.run experiment=stages_mnist
+
+bench: setup
+	$(BIN)/python -m experiments.bench --out docs/results.md
 
 lint: setup
 	$(BIN)/ruff check .
