@@ -18,8 +18,11 @@ parameters keep their offset.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
+from attribution.optim import OptimizerState
 from attribution.trajectory import StageRecord, Trajectory
 from estimators.base import (
     Estimator,
@@ -40,11 +43,12 @@ class E1(Estimator):
 
     def offsets(self, traj: Trajectory, counts: dict[str, int]) -> dict[str, Offsets]:
         names = final_parameter_names(traj)
+        stages = [LaterStage.of(traj, j) for j in range(len(traj.stages))]
         out = {}
         for k, record in enumerate(traj.stages):
             offset, buffers = stage_displacement(traj, k, names), handed_buffers(traj, k)
-            for j in range(k + 1, len(traj.stages)):
-                offset, buffers = carry_through_stage(traj, j, offset, buffers)
+            for stage in stages[k + 1 :]:
+                offset, buffers = stage.carry(offset, buffers)
             out[record.name] = offset
         return out
 
@@ -65,41 +69,63 @@ def handed_buffers(traj: Trajectory, k: int) -> Offsets:
     return out
 
 
-def carry_through_stage(
-    traj: Trajectory, j: int, offset: Offsets, buffers: Offsets
-) -> tuple[Offsets, Offsets]:
-    """The (parameter, momentum-buffer) offsets after stage j, from those entering it."""
-    record = traj.stages[j]
-    offset = {n: v for n, v in offset.items() if n not in reinitialised(traj, j)}
-    if record.optimizer_policy == "reset":
-        buffers = {}
-    lr = traj.steps(j).lr
-    factual_start = traj.optimizer_state(j, "start")
-    factual_end = traj.optimizer_state(j, "end") if record.optimizer == "adam" else {}
-    out, out_buffers = dict(offset), {}
-    for g, group in enumerate(record.groups):
-        rates = lr[:, g].tolist()
-        for name in group.params:
-            if name not in offset:
-                continue
-            a0, b0 = offset[name], buffers.get(name)
-            if record.optimizer == "adam":
-                out[name] = _adam(
-                    a0,
-                    rates,
-                    group.hyper,
-                    factual_start.get(name, {}),
-                    factual_end.get(name, {}),
-                    name,
-                    record,
-                )
-                continue
-            first = "momentum_buffer" not in factual_start.get(name, {})
-            a, c = _sgd_family(record.optimizer, group.hyper, rates, first)
-            out[name] = _apply(a, a0, b0)
-            if group.hyper.get("momentum", 0.0):
-                out_buffers[name] = _apply(c, a0, b0)
-    return out, out_buffers
+@dataclass
+class LaterStage:
+    """What E1 needs of a stage that an offset passes through, read once from the record."""
+
+    record: StageRecord
+    rates: list[list[float]]  # per group, per step
+    start: OptimizerState
+    end: OptimizerState
+    fresh: set[str]
+    coefficients: dict[tuple[int, bool], tuple[Affine, Affine]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, traj: Trajectory, j: int) -> LaterStage:
+        record = traj.stages[j]
+        lr = traj.steps(j).lr
+        end = traj.optimizer_state(j, "end") if record.optimizer == "adam" else {}
+        return cls(
+            record,
+            [lr[:, g].tolist() for g in range(len(record.groups))],
+            traj.optimizer_state(j, "start"),
+            end,
+            reinitialised(traj, j),
+        )
+
+    def carry(self, offset: Offsets, buffers: Offsets) -> tuple[Offsets, Offsets]:
+        """The (parameter, momentum-buffer) offsets after this stage, from those entering it."""
+        record = self.record
+        offset = {n: v for n, v in offset.items() if n not in self.fresh}
+        if record.optimizer_policy == "reset":
+            buffers = {}
+        out, out_buffers = dict(offset), {}
+        for g, group in enumerate(record.groups):
+            for name in group.params:
+                if name not in offset:
+                    continue
+                a0, b0 = offset[name], buffers.get(name)
+                if record.optimizer == "adam":
+                    out[name] = _adam(
+                        a0,
+                        self.rates[g],
+                        group.hyper,
+                        self.start.get(name, {}),
+                        self.end.get(name, {}),
+                        name,
+                        record,
+                    )
+                    continue
+                first = "momentum_buffer" not in self.start.get(name, {})
+                if (g, first) not in self.coefficients:
+                    self.coefficients[g, first] = _sgd_family(
+                        record.optimizer, group.hyper, self.rates[g], first
+                    )
+                a, c = self.coefficients[g, first]
+                out[name] = _apply(a, a0, b0)
+                if group.hyper.get("momentum", 0.0):
+                    out_buffers[name] = _apply(c, a0, b0)
+        return out, out_buffers
 
 
 def _sgd_family(kind: str, hyper: dict, rates: list[float], first: bool) -> tuple[Affine, Affine]:

@@ -31,6 +31,7 @@ from attribution.pipeline import carried_state, reinitialise
 from attribution.references import load_dataset, loss_function
 from attribution.trajectory import StageRecord, StepLog, Trajectory
 from estimators.base import (
+    EVIDENCE,
     Estimator,
     Offsets,
     final_parameter_names,
@@ -44,16 +45,7 @@ Step = Callable[[Params, State], tuple[Params, State]]
 
 class E2(Estimator):
     name = "e2"
-    requires = frozenset(
-        {
-            "boundary_checkpoints",
-            "learning_rates",
-            "optimizer_hyperparameters",
-            "optimizer_state",
-            "batch_order",
-            "stage_data",
-        }
-    )
+    requires = frozenset(EVIDENCE)
 
     def offsets(self, traj: Trajectory, counts: dict[str, int]) -> dict[str, Offsets]:
         names = final_parameter_names(traj)

@@ -30,21 +30,12 @@ import torch
 from attribution.counterfactual import retrain_after
 from attribution.errors import StagetraceError, TrainingError
 from attribution.trajectory import ParamGroup, StageRecord, StepLog, Trajectory
-from estimators.base import Estimator, Offsets, final_parameter_names, stage_displacement
+from estimators.base import EVIDENCE, Estimator, Offsets, final_parameter_names, stage_displacement
 
 
 class E4(Estimator):
     name = "e4"
-    requires = frozenset(
-        {
-            "boundary_checkpoints",
-            "learning_rates",
-            "optimizer_hyperparameters",
-            "optimizer_state",
-            "batch_order",
-            "stage_data",
-        }
-    )
+    requires = frozenset(EVIDENCE)
 
     def __init__(self, stride: int = 4) -> None:
         if not isinstance(stride, int) or stride < 1:
