@@ -116,11 +116,11 @@ def audit(
     began = time.perf_counter()
     results = {}
     for name, behavior in behaviors.items():
-        inputs, targets = data[name]
+        inputs, targets, keys = data[name]
         effects = READOUTS[readout](
             model, params, embeddings.offsets, inputs, targets, behavior.quantity, batch_size
         )
-        per_output = behaviour_effects(behavior, effects, targets)
+        per_output = behaviour_effects(behavior, effects, keys)
         results[name] = {
             "quantity": behavior.quantity,
             "aggregate": behavior.aggregate,
@@ -177,7 +177,7 @@ def validate(
     truth_seconds = sum(cf.seconds for cf in truths.values())
     true_effects = {}
     for name, behavior in behaviors.items():
-        inputs, targets = data[name]
+        inputs, targets, _ = data[name]
         final = per_example(model, params, inputs, targets, behavior.quantity).double()
         true_effects[name] = {
             s: final
@@ -191,7 +191,7 @@ def validate(
         embeddings, _ = stored_embeddings(estimator_for(estimator, traj), traj)
         for readout in readouts:
             for name, behavior in behaviors.items():
-                inputs, targets = data[name]
+                inputs, targets, _ = data[name]
                 began = time.perf_counter()
                 estimated = READOUTS[readout](
                     model,

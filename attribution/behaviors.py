@@ -1,10 +1,13 @@
 """Behaviours: the f's whose stage effects we attribute.
 
 A behaviour is a linear aggregation of a per-example quantity over a labelled dataset: the loss or
-margin of every example (``per_example``), the mean over each label group (``group_mean``), or the
-difference of two group means (``group_gap``). Because the aggregation is linear, the effect of a
-stage on a behaviour is the same aggregation of the per-example effects, so per-example effects are
-computed once (see ``attribution.readout``) and aggregated per behaviour.
+margin of every example (``per_example``), the mean over each group (``group_mean``), or the
+difference of two group means (``group_gap``). Groups are sets of labels, or, with
+``group_by: group``, sets of the group ids that a dataset returns as a third tensor
+(``TensorDataset(inputs, labels, groups)``, e.g. ``2 * label + spurious attribute``).
+Because the aggregation is linear, the effect of a stage on a behaviour is the same aggregation
+of the per-example effects, so per-example effects are computed once (see
+``attribution.readout``) and aggregated per behaviour.
 
 Sign convention: effect_k(f) = f(theta_T) - f(theta_T^(-k)) (see ``attribution.SIGN_CONVENTION``).
 """
@@ -26,7 +29,8 @@ from attribution.references import Ref, load_dataset
 
 QUANTITIES = ("loss", "margin")
 AGGREGATES = ("per_example", "group_mean", "group_gap")
-_KEYS = ("data", "quantity", "aggregate", "groups", "gap")
+GROUP_BY = ("label", "group")
+_KEYS = ("data", "quantity", "aggregate", "groups", "gap", "group_by")
 
 
 @dataclass(frozen=True)
@@ -35,7 +39,8 @@ class Behavior:
 
     ``quantity``: ``"loss"`` (cross-entropy, nats) or ``"margin"`` (true-class logit minus the
     largest other logit, logit units). ``groups`` maps a group name to the labels it contains
-    (needed by ``group_mean`` and ``group_gap``); ``gap = (a, b)`` gives mean(a) - mean(b).
+    (needed by ``group_mean`` and ``group_gap``), or to group ids when ``group_by`` is
+    ``"group"``; ``gap = (a, b)`` gives mean(a) - mean(b).
     """
 
     name: str
@@ -44,6 +49,7 @@ class Behavior:
     aggregate: str = "per_example"
     groups: Mapping[str, Sequence[int]] | None = None
     gap: tuple[str, str] | None = None
+    group_by: str = "label"
 
     def __post_init__(self) -> None:
         _check(f"behaviors.{self.name}", **{f.name: getattr(self, f.name) for f in fields(self)})
@@ -65,6 +71,7 @@ class Behavior:
             "aggregate": obj.get("aggregate", "per_example"),
             "groups": obj.get("groups"),
             "gap": obj.get("gap"),
+            "group_by": obj.get("group_by", "label"),
         }
         _check(where, **parsed)
         if parsed["groups"] is not None:
@@ -73,8 +80,9 @@ class Behavior:
             parsed["gap"] = tuple(parsed["gap"])
         return cls(**parsed)
 
-    def load(self) -> tuple[Tensor, Tensor]:
-        """The dataset's inputs and int64 labels (cached in-process: treat them as read-only)."""
+    def load(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The dataset's inputs, int64 labels and the int64 keys its groups refer to (the labels,
+        or the dataset's group ids under ``group_by: group``); cached in-process: read-only."""
         where = f"behaviors.{self.name}.data"
         try:
             dataset = load_dataset(self.data)
@@ -87,11 +95,14 @@ class Behavior:
                 "correct the reference or its keyword arguments",
             ) from exc
         tensors = dataset.tensors if isinstance(dataset, TensorDataset) else ()
-        if len(tensors) != 2 or tensors[1].ndim != 1 or tensors[1].dtype != torch.int64:
+        labelled = len(tensors) in (2, 3) and all(
+            t.ndim == 1 and t.dtype == torch.int64 for t in tensors[1:]
+        )
+        if not labelled:
             raise SpecError(
                 where,
                 f"{self.data.target!r} returned {type(dataset).__name__}, not a "
-                "TensorDataset(inputs, int64 labels [N])",
+                "TensorDataset(inputs, int64 labels [N]) or (inputs, labels, int64 groups [N])",
                 "point the reference at a function that returns TensorDataset(inputs, labels)",
             )
         if not len(tensors[1]):
@@ -100,23 +111,31 @@ class Behavior:
                 f"{self.data.target!r} returned no examples",
                 "point the reference at a non-empty selection of data",
             )
-        return tensors[0], tensors[1]
+        if self.group_by == "group" and len(tensors) != 3:
+            raise SpecError(
+                f"behaviors.{self.name}.group_by",
+                f"{self.data.target!r} returns no group ids (a third tensor)",
+                "use group_by: label, or a dataset returning TensorDataset(inputs, labels, groups)",
+            )
+        keys = tensors[2] if self.group_by == "group" else tensors[1]
+        return tensors[0], tensors[1], keys
 
-    def weights(self, targets: Tensor) -> tuple[list[str], Tensor | None]:
+    def weights(self, keys: Tensor) -> tuple[list[str], Tensor | None]:
         """Output names and the float64 aggregation matrix ``A`` [num_outputs, N], so that
-        behaviour = ``A @ per_example_vector``. ``A`` is ``None`` for ``per_example`` (identity,
-        never materialised); outputs are ``"<name>[i]"``, ``"<name>[group]"`` or
-        ``"<name>[a - b]"``."""
+        behaviour = ``A @ per_example_vector``; ``keys`` are the examples' group keys (third value
+        of ``load``). ``A`` is ``None`` for ``per_example`` (identity, never materialised);
+        outputs are ``"<name>[i]"``, ``"<name>[group]"`` or ``"<name>[a - b]"``."""
         if self.aggregate == "per_example":
-            return [f"{self.name}[{i}]" for i in range(len(targets))], None
+            return [f"{self.name}[{i}]" for i in range(len(keys))], None
         assert self.groups is not None
         rows = {}
-        for group, labels in self.groups.items():
-            member = torch.isin(targets.cpu(), torch.tensor(list(labels), dtype=targets.dtype))
+        for group, members in self.groups.items():
+            member = torch.isin(keys.cpu(), torch.tensor(list(members), dtype=keys.dtype))
             if not member.any():
                 raise StagetraceError(
-                    f"behaviors.{self.name}.groups.{group}: no example of the dataset has a label "
-                    f"in {list(labels)}. Fix: use labels present in the data, or more data"
+                    f"behaviors.{self.name}.groups.{group}: no example of the dataset has a "
+                    f"{self.group_by} in {list(members)}. Fix: use {self.group_by}s present in "
+                    "the data, or more data"
                 )
             rows[group] = member.to(torch.float64) / member.sum()
         if self.aggregate == "group_mean":
@@ -134,6 +153,7 @@ def _check(
     aggregate: str,
     groups: Mapping[str, Sequence[int]] | None,
     gap: Sequence[str] | None,
+    group_by: str = "label",
 ) -> None:
     """Validate a behaviour's fields; a ``SpecError`` names the field under ``where``."""
     if not isinstance(name, str) or not name:
@@ -147,6 +167,10 @@ def _check(
     if aggregate not in AGGREGATES:
         raise SpecError(
             f"{where}.aggregate", f"unknown aggregate {aggregate!r}", f"use one of {AGGREGATES}"
+        )
+    if group_by not in GROUP_BY:
+        raise SpecError(
+            f"{where}.group_by", f"unknown group_by {group_by!r}", f"use one of {GROUP_BY}"
         )
     if (aggregate == "per_example") != (groups is None):
         raise SpecError(

@@ -86,14 +86,14 @@ def evaluated_effects(
 
 
 def behaviour_effects(
-    behavior: Behavior, per_example_effects: Mapping[str, Tensor], targets: Tensor
+    behavior: Behavior, per_example_effects: Mapping[str, Tensor], keys: Tensor
 ) -> dict[str, dict[str, float]]:
     """Aggregate per-example effects into the behaviour's outputs: {stage: {output: effect}}.
 
     Valid for either read-out, since behaviours are linear in the per-example quantity;
-    ``targets`` are the labels of the examples (they define the groups).
+    ``keys`` are the examples' group keys (``Behavior.load``'s third value).
     """
-    names, weights = behavior.weights(targets)
+    names, weights = behavior.weights(keys)
     out = {}
     for stage, effects in per_example_effects.items():
         values = effects if weights is None else weights.to(effects) @ effects

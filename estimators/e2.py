@@ -147,7 +147,7 @@ class TrainingStart:
     def steps(self) -> Iterator[Step]:
         """Each recorded step as a pure function of (params, state)."""
         log: StepLog = self.traj.steps(self.j)
-        inputs, targets = load_dataset(self.record.data).tensors
+        inputs, targets = load_dataset(self.record.data).tensors[:2]
         loss = loss_function(self.record.loss)
         trained = list(self.rule.hyper)
         for t in range(log.num_steps):

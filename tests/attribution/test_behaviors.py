@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from attribution.behaviors import Behavior, per_example
 from attribution.errors import SpecError, StagetraceError
@@ -131,8 +132,9 @@ def test_direct_construction_is_validated_too():
 
 
 def test_load_returns_inputs_and_labels():
-    inputs, targets = Behavior("b", DATA).load()
+    inputs, targets, keys = Behavior("b", DATA).load()
     assert inputs.shape == (20, 784) and targets.shape == (20,) and targets.dtype == torch.int64
+    assert keys is targets  # groups refer to labels by default
 
 
 @pytest.mark.parametrize(
@@ -148,3 +150,36 @@ def test_load_errors_name_the_data_field(ref):
     with pytest.raises(SpecError, match="Fix: ") as info:
         Behavior("b", ref).load()
     assert info.value.field == "behaviors.b.data"
+
+
+def grouped_data() -> TensorDataset:
+    """Six examples with labels and a third tensor of group ids (2 * label + attribute)."""
+    labels = torch.tensor([0, 0, 1, 1, 0, 1])
+    attribute = torch.tensor([0, 1, 0, 1, 1, 1])
+    return TensorDataset(torch.randn(6, 3), labels, 2 * labels + attribute)
+
+
+GROUPED = Ref("tests.attribution.test_behaviors:grouped_data")
+
+
+def test_group_by_group_ids_aggregates_over_the_third_tensor():
+    groups = {"label0_attr1": [1], "label1_attr1": [3]}
+    behavior = Behavior("g", GROUPED, aggregate="group_mean", groups=groups, group_by="group")
+    _, labels, keys = behavior.load()
+    torch.testing.assert_close(keys, 2 * labels + torch.tensor([0, 1, 0, 1, 1, 1]))
+    values = torch.tensor([1.0, 2.0, 4.0, 8.0, 16.0, 32.0], dtype=torch.float64)
+    names, weights = behavior.weights(keys)
+    assert names == ["g[label0_attr1]", "g[label1_attr1]"]
+    torch.testing.assert_close(
+        weights @ values, torch.tensor([(2 + 16) / 2, (8 + 32) / 2]).double()
+    )
+
+
+def test_group_by_needs_group_ids_and_a_known_value():
+    behavior = Behavior("g", DATA, aggregate="group_mean", groups={"a": [1]}, group_by="group")
+    with pytest.raises(SpecError, match="third tensor") as info:
+        behavior.load()
+    assert info.value.field == "behaviors.g.group_by"
+    with pytest.raises(SpecError) as info:
+        Behavior("g", DATA, aggregate="group_mean", groups={"a": [1]}, group_by="colour")
+    assert info.value.field == "behaviors.g.group_by"
