@@ -21,14 +21,10 @@ import argparse
 import hashlib
 import importlib
 import json
-import os
-import platform
 import resource
 import shlex
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -54,11 +50,12 @@ from attribution.spec import PipelineSpec
 from attribution.trajectory import MANIFEST, Trajectory
 from estimators import E0, E1, E2, E4
 from experiments.data import mnist
+from experiments.sections import SectionError, check_out, machine, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "runs" / "bench"
 EXPERIMENT = "stages_mnist"
-START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+SECTION = "bench"
 READOUT_BATCH = 512
 GRADIENT_BATCH = 64
 GRADIENT_EXAMPLES = 1000
@@ -67,14 +64,6 @@ KIB_PER_MIB = 1024
 
 Embeddings = Mapping[str, Mapping[str, Tensor]]
 T = TypeVar("T")
-
-
-class BenchError(Exception):
-    """A failure to report in one line, with the exit status it deserves."""
-
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def retrain_without_each_stage(traj: Trajectory) -> None:
@@ -312,28 +301,12 @@ def gradient_comparison(
     ]
     worst = max(r.max_abs_diff for r in rows)
     if worst >= TOLERANCE:
-        raise BenchError(
+        raise SectionError(
             f"the jvp read-out and per-example gradients disagree by {worst:.3g} nats "
             f"(tolerance {TOLERANCE:g}): a read-out is wrong",
             status=1,
         )
     return rows
-
-
-def machine() -> str:
-    """CPU model, logical CPUs, total memory, torch version and its thread count."""
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    models = [
-        line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if "model name" in line
-    ]
-    cpu = models[0] if models else platform.processor() or platform.machine()
-    meminfo = Path("/proc/meminfo").read_text() if Path("/proc/meminfo").is_file() else ""
-    kib = [int(line.split()[1]) for line in meminfo.splitlines() if line.startswith("MemTotal:")]
-    memory = f"{kib[0] / 2**20:.1f} GiB" if kib else "unknown"
-    return (
-        f"{cpu}, {os.cpu_count()} logical CPUs, {memory} memory; torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads"
-    )
 
 
 def describe(traj: Trajectory, root: Path, quick: bool) -> str:
@@ -408,47 +381,6 @@ def render(
     return "\n".join(lines)
 
 
-def marker_lines(text: str, path: Path) -> tuple[int, int]:
-    """Indices of the start and end marker lines of ``text``; refuses (exit 2) without exactly
-    one of each, in order."""
-    lines = text.splitlines()
-    starts = [i for i, line in enumerate(lines) if line.strip() == START]
-    ends = [i for i, line in enumerate(lines) if line.strip() == END]
-    if len(starts) != 1 or len(ends) != 1 or starts[0] > ends[0]:
-        raise BenchError(
-            f"{path} lacks one {START} line followed by one {END} line, between which the "
-            f"benchmark writes its section. Fix: add those two lines where the section belongs, "
-            f"or give another --out",
-            status=2,
-        )
-    return starts[0], ends[0]
-
-
-def check_out(path: Path) -> None:
-    """Refuse (exit 2) an existing ``--out`` without markers, before any work is done."""
-    if path.exists():
-        marker_lines(path.read_text(), path)
-
-
-def write_section(path: Path, section: str) -> None:
-    """Put ``section`` between the markers of ``path`` (a new file holds only the markers and
-    the section), atomically: a temporary file beside it, then ``os.replace``."""
-    if path.exists():
-        text = path.read_text()
-        start, end = marker_lines(text, path)
-        lines = text.splitlines(keepends=True)
-        new = "".join([*lines[: start + 1], section, "\n", *lines[end:]])
-    else:
-        new = f"{START}\n{section}\n{END}\n"
-    with tempfile.NamedTemporaryFile(
-        "w", dir=path.parent, prefix=f".{path.name}.", delete=False
-    ) as tmp:
-        tmp.write(new)
-    if path.exists():
-        shutil.copymode(path, tmp.name)
-    os.replace(tmp.name, path)
-
-
 def benchmark(quick: bool, command: str) -> str:
     """Every measurement, rendered. Child processes first, while this one is still small."""
     root = prepared_trajectory(quick)
@@ -475,12 +407,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.out is not None:
-            check_out(args.out)
+            check_out(args.out, SECTION)
         section = benchmark(args.quick, shlex.join(["python", "-m", "experiments.bench", *argv]))
         print(section)
         if args.out is not None:
-            write_section(args.out, section)
-    except BenchError as exc:
+            write_section(args.out, SECTION, section)
+    except SectionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.status
     return 0

@@ -5,11 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from experiments.bench import END, START
+from experiments.bench import SECTION
+from experiments.sections import markers
 
 REPO = Path(__file__).resolve().parents[2]
 BEFORE = "# Results\n\nHand-written text above.\n\n"
 AFTER = "\nHand-written text below.\n"
+START, END = markers(SECTION)
 
 
 def bench(out: Path) -> subprocess.CompletedProcess:
