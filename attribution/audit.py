@@ -48,9 +48,12 @@ def available_evidence(traj: Trajectory) -> set[str]:
     return evidence
 
 
-def estimator_for(name: str, traj: Trajectory) -> Estimator:
-    """The named estimator (``e4:STRIDE`` picks E4's stride), refused with what is missing if
-    the recording cannot support it."""
+def estimator_for(
+    name: str, traj: Trajectory, settings: Mapping[str, Any] | None = None
+) -> Estimator:
+    """The named estimator (``e4:STRIDE`` picks E4's stride) built with ``settings`` (keyword
+    arguments of its class, e.g. E3's ``rank``), refused with what is missing if the recording
+    cannot support it."""
     base, _, stride = name.partition(":")
     if base not in ESTIMATORS or (
         stride and (base != "e4" or not stride.isdigit() or int(stride) < 1)
@@ -59,7 +62,15 @@ def estimator_for(name: str, traj: Trajectory) -> Estimator:
             f"unknown estimator {name!r}. Fix: use one of {', '.join(ESTIMATORS)}, or "
             "e4:STRIDE with a positive STRIDE"
         )
-    estimator = ESTIMATORS[base](int(stride)) if stride else ESTIMATORS[base]()
+    try:
+        estimator = (
+            ESTIMATORS[base](int(stride)) if stride else ESTIMATORS[base](**(settings or {}))
+        )
+    except (TypeError, ValueError) as exc:
+        raise StagetraceError(
+            f"estimator {name} with settings {dict(settings or {})}: {exc}. Fix: give the "
+            f"settings its class {ESTIMATORS[base].__name__} accepts"
+        ) from exc
     missing = sorted(estimator.requires - available_evidence(traj))
     if missing:
         usable = [n for n, cls in ESTIMATORS.items() if cls.requires <= available_evidence(traj)]
@@ -151,13 +162,19 @@ def validate(
     readouts: Sequence[str],
     behaviors: Mapping[str, Behavior],
     batch_size: int = 512,
+    settings: Mapping[str, Mapping[str, Any]] | None = None,
+    keep_effects: bool = False,
 ) -> dict[str, Any]:
     """Estimated against true per-example effects, per estimator, read-out, per-example behaviour
     and stage (group behaviours are aggregates of the same per-example effects).
 
     The truth retrains without each stage (stored under the run and reused) and evaluates
-    f(theta_T) - f(theta_T^(-k)) directly.
+    f(theta_T) - f(theta_T^(-k)) directly. ``settings`` maps an estimator's base name (``e3``)
+    to its settings. With ``keep_effects`` the result also holds the per-example effects
+    (``"effects"``: ``"truth"`` -> behaviour -> stage -> [N], and ``"estimate:readout"`` ->
+    behaviour -> stage -> [N], float64 numpy arrays), for plots.
     """
+    settings = settings or {}
     behaviors = {n: b for n, b in behaviors.items() if b.aggregate == "per_example"}
     if not behaviors:
         raise SpecError(
@@ -165,8 +182,7 @@ def validate(
             "validation needs at least one per_example behaviour",
             "add e.g. `test_loss: {data: ..., quantity: loss}`",
         )
-    for name in estimators:
-        estimator_for(name, traj)
+    built = {n: estimator_for(n, traj, settings.get(n.partition(":")[0])) for n in estimators}
     if any(r not in READOUTS for r in readouts):
         raise StagetraceError(
             f"unknown read-out in {list(readouts)}. Fix: use {', '.join(READOUTS)}"
@@ -187,8 +203,11 @@ def validate(
             for s, cf in truths.items()
         }
     rows = []
+    kept: dict[str, Any] = {
+        "truth": {b: {s: v.numpy() for s, v in e.items()} for b, e in true_effects.items()}
+    }
     for estimator in estimators:
-        embeddings, _ = stored_embeddings(estimator_for(estimator, traj), traj)
+        embeddings, _ = stored_embeddings(built[estimator], traj)
         for readout in readouts:
             for name, behavior in behaviors.items():
                 inputs, targets, _ = data[name]
@@ -203,15 +222,21 @@ def validate(
                     batch_size,
                 )
                 seconds = embeddings.seconds + time.perf_counter() - began
-                rows += _fidelity(
+                rows += fidelity_rows(
                     estimator, readout, name, estimated, true_effects[name], seconds, truth_seconds
                 )
-    return {
+                kept.setdefault(f"{estimator}:{readout}", {})[name] = {
+                    s: v.numpy() for s, v in estimated.items()
+                }
+    result = {
         "sign_convention": SIGN_CONVENTION,
         "trajectory": str(traj.root),
         "ground_truth_seconds": truth_seconds,
         "rows": rows,
     }
+    if keep_effects:
+        result["effects"] = kept
+    return result
 
 
 def final_model(traj: Trajectory) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
@@ -222,7 +247,7 @@ def final_model(traj: Trajectory) -> tuple[torch.nn.Module, dict[str, torch.Tens
     return model, {n: state[n] for n, _ in model.named_parameters()}
 
 
-def _fidelity(
+def fidelity_rows(
     estimator: str,
     readout: str,
     behavior: str,
@@ -231,6 +256,8 @@ def _fidelity(
     seconds: float,
     truth_seconds: float,
 ) -> list[dict[str, Any]]:
+    """One row of fidelity metrics per stage: estimated against true per-example effects
+    ([N] tensors per stage), with the estimate's cost and its ratio to the truth's."""
     stages = list(truth)
     est = np.stack([estimated[s].numpy() for s in stages])
     tru = np.stack([truth[s].numpy() for s in stages])
