@@ -36,6 +36,10 @@ from attribution.trajectory import (
 StepCallback = Callable[[str, int, int, float], None]
 """Called after every step with (stage name, step index, number of steps, loss)."""
 
+CheckpointCallback = Callable[[int, dict[str, torch.Tensor]], None]
+"""Called with (t, detached copy of parameters and buffers) before each step t of
+``StageRecord.checkpoint_steps()``; only the recording passes one."""
+
 
 def sample_batches(n: int, batch_size: int, num_steps: int, seed: int) -> list[torch.Tensor]:
     """Batch indices for ``num_steps`` steps: seeded reshuffles each epoch, last partial dropped."""
@@ -91,6 +95,7 @@ def resolve_stage(
         schedule=spec.schedule.to_dict(),
         entry=spec.entry,
         optimizer_policy=spec.optimizer_policy,
+        checkpoint_every=spec.checkpoint_every,
     )
     lr = [[m * g.hyper["lr"] for g in groups] for m in spec.schedule.multipliers(num_steps)]
     batches = sample_batches(num_examples, spec.batch_size, num_steps, spec.seed)
@@ -146,8 +151,14 @@ def train_stage(
     steps: StepLog,
     state: OptimizerState,
     on_step: StepCallback | None = None,
+    on_checkpoint: CheckpointCallback | None = None,
 ) -> OptimizerState:
-    """Run a stage's recorded steps on ``model`` in place; return the final optimizer state."""
+    """Run a stage's recorded steps on ``model`` in place; return the final optimizer state.
+
+    Batches use the first two tensors of each example (inputs, targets); further ones, such as
+    group ids, are ignored. ``on_checkpoint`` receives the state before each step of
+    ``record.checkpoint_steps()``: the recording stores it, replays and counterfactuals pass none.
+    """
     params = dict(model.named_parameters())
     unknown = sorted(set(record.trainable) - set(params))
     if unknown:
@@ -177,8 +188,11 @@ def train_stage(
     loss_fn = loss_function(record.loss)
     torch.manual_seed(record.seed)
     model.train()
+    inner = set(record.checkpoint_steps())
     for t in range(steps.num_steps):
-        inputs, targets = _fetch(dataset, steps.batch(t))
+        if on_checkpoint is not None and t in inner:
+            on_checkpoint(t, snapshot(model))
+        inputs, targets = fetch_batch(dataset, steps.batch(t))
         for group, lr in zip(optimizer.param_groups, steps.lr[t].tolist(), strict=True):
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
@@ -211,16 +225,34 @@ def run_pipeline(
             model = spec.model.call()
         state = {}
     for stage in spec.stages[done:]:
-        add_adapters(model, stage.entry, stage.name)
-        start = snapshot(model)
-        reinitialise(model, stage.entry, stage.name)
-        record, steps = resolve_stage(stage, model, len(load_dataset(stage.data)))
-        state_in = carried_state(state, record, model)
-        state = train_stage(model, record, steps, state_in, on_step)
-        traj.append_stage(record, start, snapshot(model), state_in, state, steps)
+        state = _record_stage(traj, model, stage, state, on_step)
     if not traj.complete:
         traj.mark_complete()
     return traj
+
+
+def _record_stage(
+    traj: Trajectory,
+    model: nn.Module,
+    stage: StageSpec,
+    previous: OptimizerState,
+    on_step: StepCallback | None,
+) -> OptimizerState:
+    """Train one declared stage on ``model`` and append it to ``traj``; its inner checkpoints
+    are written as training reaches them and listed with the stage."""
+    add_adapters(model, stage.entry, stage.name)
+    start = snapshot(model)
+    reinitialise(model, stage.entry, stage.name)
+    record, steps = resolve_stage(stage, model, len(load_dataset(stage.data)))
+    state_in = carried_state(previous, record, model)
+    inner: list[dict[str, Any]] = []
+
+    def save(t: int, tensors: dict[str, torch.Tensor]) -> None:
+        inner.append(traj.write_inner_checkpoint(stage.name, t, tensors))
+
+    state = train_stage(model, record, steps, state_in, on_step, save)
+    traj.append_stage(record, start, snapshot(model), state_in, state, steps, inner)
+    return state
 
 
 def check_pipeline(spec: PipelineSpec) -> None:
@@ -314,10 +346,12 @@ def _match(names: list[str], patterns: Sequence[str], where: str) -> list[str]:
     return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
 
 
-def _fetch(dataset: Any, indices: torch.Tensor) -> Any:
+def fetch_batch(dataset: Any, indices: torch.Tensor) -> tuple[Any, Any]:
+    """The (inputs, targets) of the rows ``indices``; further tensors (group ids) are dropped."""
     if isinstance(dataset, TensorDataset):
-        return tuple(t[indices] for t in dataset.tensors)
-    return default_collate([dataset[i] for i in indices.tolist()])
+        return dataset.tensors[0][indices], dataset.tensors[1][indices]
+    inputs, targets = default_collate([dataset[i] for i in indices.tolist()])[:2]
+    return inputs, targets
 
 
 def _check_indices(steps: StepLog, size: int, record: StageRecord) -> None:

@@ -122,7 +122,11 @@ class EntryAction:
 
 @dataclass(frozen=True)
 class StageSpec:
-    """One declared stage. Exactly one of ``steps`` and ``epochs`` is set."""
+    """One declared stage. Exactly one of ``steps`` and ``epochs`` is set.
+
+    ``checkpoint_every = N`` saves the state before steps N, 2N, ... of the stage (see
+    ``Trajectory.inner_steps``); None saves only the stage's boundaries.
+    """
 
     name: str
     kind: str
@@ -137,6 +141,7 @@ class StageSpec:
     trainable: tuple[str, ...] = ("*",)
     entry: tuple[EntryAction, ...] = ()
     optimizer_policy: str = "reset"
+    checkpoint_every: int | None = None
 
     @classmethod
     def from_dict(cls, name: str, obj: Any, where: str) -> StageSpec:
@@ -164,6 +169,7 @@ class StageSpec:
             trainable=_strings(obj.get("trainable", ["*"]), f"{where}.trainable"),
             entry=entry,
             optimizer_policy=obj.get("optimizer_policy", "reset"),
+            checkpoint_every=obj.get("checkpoint_every"),
         )
         stage.validate(where)
         return stage
@@ -187,6 +193,15 @@ class StageSpec:
                 where,
                 "give exactly one of steps and epochs",
                 "set steps (optimizer steps) or epochs (passes over the data)",
+            )
+        every = self.checkpoint_every
+        if every is not None and (
+            not isinstance(every, int) or isinstance(every, bool) or every < 1
+        ):
+            raise SpecError(
+                f"{where}.checkpoint_every",
+                f"expected an integer >= 1, got {every!r}",
+                "set the number of steps between saved states inside the stage, or remove it",
             )
         length = "steps" if self.steps is not None else "epochs"
         value = getattr(self, length)
@@ -264,6 +279,8 @@ def _stage_dict(stage: StageSpec) -> dict[str, Any]:
         "entry": [a.to_dict() for a in stage.entry],
         "optimizer_policy": stage.optimizer_policy,
     }
+    if stage.checkpoint_every is not None:
+        out["checkpoint_every"] = stage.checkpoint_every
     return (
         {**out, "steps": stage.steps}
         if stage.steps is not None

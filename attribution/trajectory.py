@@ -9,6 +9,8 @@ Layout of a trajectory directory (see docs/trajectory.md)::
     stages/NN-<name>/optimizer_start.safetensors   optimizer state the stage started from
     stages/NN-<name>/optimizer_end.safetensors     optimizer state after its last step
     stages/NN-<name>/steps.safetensors    per-step learning rates and batch indices
+    stages/NN-<name>/inner/step-TTTTTT.safetensors   parameters and buffers before step T
+                                          (only for stages recorded with checkpoint_every)
 
 Files are written before the manifest that lists them, each atomically, so an interrupted run
 leaves a manifest that lists only complete stages.
@@ -19,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +68,7 @@ class StageRecord:
     schedule: Mapping[str, Any] | None = None
     entry: tuple[EntryAction, ...] = ()
     optimizer_policy: str = "reset"
+    checkpoint_every: int | None = None
 
     @property
     def trainable(self) -> tuple[str, ...]:
@@ -73,7 +76,8 @@ class StageRecord:
         return tuple(n for g in self.groups for n in g.params)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """The manifest's stage object, less ``files`` (``checkpoint_every`` only when set)."""
+        out = {
             "name": self.name,
             "kind": self.kind,
             "data": self.data.to_dict(),
@@ -89,6 +93,16 @@ class StageRecord:
             "entry": [a.to_dict() for a in self.entry],
             "optimizer_policy": self.optimizer_policy,
         }
+        if self.checkpoint_every is not None:
+            out["checkpoint_every"] = self.checkpoint_every
+        return out
+
+    def checkpoint_steps(self) -> list[int]:
+        """Steps t before which a recording saves the state: N, 2N, ... below ``num_steps`` for
+        ``checkpoint_every = N``, none without it (step 0's state is ``start`` plus the stage's
+        ``reinit`` actions, so it is never saved twice)."""
+        every = self.checkpoint_every
+        return list(range(every, self.num_steps, every)) if every else []
 
     @classmethod
     def from_dict(cls, obj: Any, path: str, where: str) -> StageRecord:
@@ -133,6 +147,9 @@ class StageRecord:
             optimizer_policy=check.choice(
                 obj.get("optimizer_policy", "reset"), "optimizer_policy", POLICIES
             ),
+            checkpoint_every=None
+            if obj.get("checkpoint_every") is None
+            else check.integer(obj["checkpoint_every"], "checkpoint_every", minimum=1),
         )
 
 
@@ -278,17 +295,18 @@ class Trajectory:
             record = StageRecord.from_dict(entry, path, f"stages[{i}]")
             files = check.mapping(entry.get("files"), f"stages[{i}].files")
             for role in FILE_ROLES:
-                info = check.mapping(files.get(role), f"stages[{i}].files.{role}")
-                name = check.string(info.get("path"), f"stages[{i}].files.{role}.path")
-                if name.startswith("/") or ".." in name.split("/"):
-                    check.fail(f"stages[{i}].files.{role}.path", "must stay inside the trajectory")
-                check.string(info.get("sha256"), f"stages[{i}].files.{role}.sha256")
-                if not store.exists(name):
-                    raise TrajectoryError(
-                        store.where(name),
-                        f"file of stage {record.name!r} ({role}) is missing",
-                        REWRITE,
-                    )
+                check.file(store, files.get(role), f"stages[{i}].files.{role}", record.name, role)
+            inner = check.list(entry.get("inner_checkpoints", []), f"stages[{i}].inner_checkpoints")
+            previous = 0
+            for j, info in enumerate(inner):
+                field = f"stages[{i}].inner_checkpoints[{j}]"
+                step = check.integer(
+                    check.mapping(info, field).get("step"), f"{field}.step", minimum=previous + 1
+                )
+                if step >= record.num_steps:
+                    check.fail(f"{field}.step", f"must be below num_steps {record.num_steps}")
+                check.file(store, info, field, record.name, f"state before step {step}")
+                previous = step
             stages.append(record)
         if len({s.name for s in stages}) != len(stages):
             check.fail("stages", "stage names are not unique")
@@ -309,6 +327,30 @@ class Trajectory:
     def checkpoint(self, stage: str | int, which: str) -> dict[str, torch.Tensor]:
         """Parameters and buffers at a stage's ``"start"`` or ``"end"``."""
         return self.store.get_tensors(*self._file(stage, which))
+
+    def inner_steps(self, stage: str | int) -> list[int]:
+        """The steps t (ascending) before which the stage's state was saved: empty unless it was
+        recorded with ``checkpoint_every``. Step 0's state is ``start`` plus ``reinit`` actions."""
+        return [c["step"] for c in self._inner(stage)]
+
+    def inner_checkpoint(self, stage: str | int, t: int) -> dict[str, torch.Tensor]:
+        """Parameters and buffers of a stage before its step ``t`` (after ``t`` of its steps)."""
+        for saved in self._inner(stage):
+            if saved["step"] == t:
+                return self.store.get_tensors(saved["path"], saved["sha256"])
+        record = self.stages[self.index(stage)]
+        steps = self.inner_steps(stage)
+        raise StagetraceError(
+            f"stage {record.name!r} saved no state before step {t!r}. Fix: "
+            + (
+                f"use one of the saved steps {steps}"
+                if steps
+                else "record the stage with checkpoint_every: N to save states inside it"
+            )
+        )
+
+    def _inner(self, stage: str | int) -> list[dict[str, Any]]:
+        return self._manifest["stages"][self.index(stage)].get("inner_checkpoints", [])
 
     def optimizer_state(self, stage: str | int, which: str) -> OptimizerState:
         """Optimizer state by parameter name at a stage's ``"start"`` or ``"end"``."""
@@ -370,13 +412,11 @@ class Trajectory:
         optimizer_start: OptimizerState,
         optimizer_end: OptimizerState,
         steps: StepLog,
+        inner: Sequence[Mapping[str, Any]] = (),
     ) -> None:
-        """Write a finished stage's files, then list it in the manifest (atomically)."""
-        if record.name in self.names:
-            raise StagetraceError(
-                f"stage {record.name!r} is already recorded; Fix: give each stage a unique name"
-            )
-        folder = f"stages/{len(self.stages):02d}-{record.name}"
+        """Write a finished stage's files, then list it in the manifest (atomically) with the
+        inner checkpoints that ``write_inner_checkpoint`` already wrote for it."""
+        folder = self._folder(record.name)
         blobs = {
             "start": dict(start),
             "end": dict(end),
@@ -389,9 +429,34 @@ class Trajectory:
             name = f"{folder}/{role}.safetensors"
             meta = {"schema": SCHEMA, "stage": record.name, "role": role}
             files[role] = {"path": name, "sha256": self.store.put_tensors(name, tensors, meta)}
-        self._manifest["stages"].append({**record.to_dict(), "files": files})
+        entry = {**record.to_dict(), "files": files}
+        if record.checkpoint_every is not None or inner:
+            entry["inner_checkpoints"] = [dict(c) for c in inner]
+        self._manifest["stages"].append(entry)
         self.stages.append(record)
         self._write_manifest()
+
+    def write_inner_checkpoint(
+        self, stage: str, t: int, tensors: Mapping[str, torch.Tensor]
+    ) -> dict[str, Any]:
+        """Write the state before step ``t`` of ``stage``, the stage being recorded (not yet
+        appended); return its manifest entry, to pass to ``append_stage``. Unlisted until then,
+        like the stage's other files."""
+        name = f"{self._folder(stage)}/inner/step-{t:06d}.safetensors"
+        meta = {"schema": SCHEMA, "stage": stage, "role": "inner", "step": str(t)}
+        return {
+            "step": t,
+            "path": name,
+            "sha256": self.store.put_tensors(name, dict(tensors), meta),
+        }
+
+    def _folder(self, stage: str) -> str:
+        """The folder of the next stage to be appended."""
+        if stage in self.names:
+            raise StagetraceError(
+                f"stage {stage!r} is already recorded; Fix: give each stage a unique name"
+            )
+        return f"stages/{len(self.stages):02d}-{stage}"
 
     def mark_complete(self) -> None:
         """Record that every declared stage has run."""
@@ -480,6 +545,17 @@ class _Checker:
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
             self.fail(field, f"expected an integer >= {minimum}, got {value!r}")
         return value
+
+    def file(self, store: Store, info: Any, field: str, stage: str, role: str) -> None:
+        """A file entry ``{path, sha256}``: the path stays inside the trajectory and exists."""
+        name = self.string(self.mapping(info, field).get("path"), f"{field}.path")
+        if name.startswith("/") or ".." in name.split("/"):
+            self.fail(f"{field}.path", "must stay inside the trajectory")
+        self.string(info.get("sha256"), f"{field}.sha256")
+        if not store.exists(name):
+            raise TrajectoryError(
+                store.where(name), f"file of stage {stage!r} ({role}) is missing", REWRITE
+            )
 
     def choice(self, value: Any, field: str, choices: tuple[str, ...]) -> str:
         if value not in choices:
