@@ -39,7 +39,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     (run_dir / BEHAVIORS_FILE).write_text(yaml.safe_dump(config["behaviors"], sort_keys=False))
     logger = make_logger(config["logger"], run_dir, config)
     began = time.perf_counter()
-    traj = run_pipeline(spec, run_dir / "trajectory", _progress(logger))
+    traj = run_pipeline(spec, run_dir / "trajectory", progress(logger))
     log.info(
         "recorded %d stages in %.1f s -> %s",
         len(traj.stages),
@@ -113,7 +113,9 @@ def _effect(final: Metrics, without: Metrics) -> dict[str, float]:
     return {"loss": final.loss - without.loss, "accuracy": final.accuracy - without.accuracy}
 
 
-def _progress(logger: Any) -> StepCallback:
+def progress(logger: Any) -> StepCallback:
+    """A step callback that logs each loss and prints progress four times per stage."""
+
     def on_step(stage: str, t: int, total: int, loss: float) -> None:
         logger.log({f"train/{stage}/loss": loss})
         if (t + 1) % max(1, total // 4) == 0 or t + 1 == total:
