@@ -1,5 +1,5 @@
 """Hydra task functions, one module per experiment, looked up by the config's ``task`` key."""
 
-from experiments.tasks import stages_mnist
+from experiments.tasks import fidelity, stages_mnist
 
-TASKS = {"stages_mnist": stages_mnist.run}
+TASKS = {"stages_mnist": stages_mnist.run, "fidelity": fidelity.run}
