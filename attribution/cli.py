@@ -48,14 +48,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         sub = commands.add_parser(name, help=helptext)
         sub.add_argument("run")
         if name == "audit":
-            sub.add_argument("--estimator", default="e1", help="e0, e1 or e2 (default e1)")
+            sub.add_argument(
+                "--estimator", default="e1", help="e0, e1, e2, e3 or e4:STRIDE (default e1)"
+            )
             sub.add_argument(
                 "--readout",
                 default="evaluated",
                 help="evaluated (default: exact wherever the embedding is) or linear",
             )
         else:
-            sub.add_argument("--estimators", default="e0,e1,e2", help="comma-separated")
+            sub.add_argument(
+                "--estimators",
+                default="e0,e1,e2",
+                help="comma-separated: e0, e1, e2, e3, e4:STRIDE",
+            )
             sub.add_argument("--readouts", default="linear,evaluated", help="comma-separated")
         sub.add_argument(
             "--behaviors",

@@ -51,10 +51,12 @@ class StageEmbeddings:
 
 
 class Estimator:
-    """Declare ``name`` and ``requires`` (keys of ``EVIDENCE``); implement ``offsets``."""
+    """Declare ``name`` and ``requires`` (keys of ``EVIDENCE``); implement ``offsets``. Raise
+    ``version`` when a change of the code changes the estimates, so stored ones are not reused."""
 
     name: ClassVar[str]
     requires: ClassVar[frozenset[str]]
+    version: ClassVar[int] = 1
 
     def settings(self) -> dict[str, Any]:
         """The settings that change the result (they key stored artifacts)."""
@@ -81,8 +83,8 @@ OFFSETS = "offsets.safetensors"
 
 def stored_embeddings(estimator: Estimator, traj: Trajectory) -> tuple[StageEmbeddings, bool]:
     """The estimator's embeddings of ``traj`` and whether they were reused: computed once per
-    recording and settings, stored under ``embeddings/<name>-<settings hash>/``."""
-    settings = json.dumps(estimator.settings(), sort_keys=True)
+    recording, settings and estimator version, stored under ``embeddings/<name>-<hash>/``."""
+    settings = json.dumps({**estimator.settings(), "version": estimator.version}, sort_keys=True)
     folder = f"embeddings/{estimator.name}-{hashlib.sha256(settings.encode()).hexdigest()[:10]}"
     stored = load_artifact(traj, folder, OFFSETS, SCHEMA, SCHEMA_VERSION)
     if stored is not None:
