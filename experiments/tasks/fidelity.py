@@ -28,9 +28,11 @@ from omegaconf import DictConfig, OmegaConf
 from attribution import SIGN_CONVENTION
 from attribution.audit import BEHAVIORS_FILE, fidelity_rows, validate
 from attribution.behaviors import Behavior
+from attribution.errors import StagetraceError
 from attribution.pipeline import run_pipeline
 from attribution.spec import PipelineSpec
 from attribution.trajectory import Trajectory
+from estimators import ESTIMATORS
 from estimators.base import final_parameter_names, stage_displacement
 from estimators.tracin import tracin_effects
 from experiments.logger import make_logger
@@ -60,31 +62,42 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         n: Behavior.from_dict(n, b, f"behaviors.{n}") for n, b in config["behaviors"].items()
     }
     (run_dir / BEHAVIORS_FILE).write_text(yaml.safe_dump(config["behaviors"], sort_keys=False))
+    unknown = [e for e in config["estimators"] if e.partition(":")[0] not in ESTIMATORS]
+    if unknown:
+        raise ValueError(f"unknown estimators {unknown}. Fix: use {', '.join(ESTIMATORS)}")
     logger = make_logger(config["logger"], run_dir, config)
     traj = run_pipeline(spec, run_dir / "trajectory", progress(logger))
     log.info("recorded %s; retraining without each stage and scoring the estimators", traj.names)
     batch_size = config["evaluation"]["batch_size"]
-    result = validate(
-        traj,
-        config["estimators"],
-        config["readouts"],
-        behaviors,
-        batch_size,
-        config.get("settings") or {},
-        keep_effects=True,
-    )
-    effects = result.pop("effects")
-    rows = result["rows"] + baseline_rows(
-        traj, behaviors, effects, config["baselines"], result["ground_truth_seconds"], batch_size
-    )
+    rows, effects, truth_seconds, failures = [], {}, 0.0, {}
+    for estimator in config["estimators"]:
+        try:
+            result = validate(
+                traj,
+                [estimator],
+                config["readouts"],
+                behaviors,
+                batch_size,
+                config.get("settings") or {},
+                keep_effects=True,
+            )
+        except StagetraceError as exc:  # e.g. a coarse replay that diverged: report, go on
+            log.warning("%s failed: %s", estimator, exc)
+            failures[estimator] = str(exc)
+            continue
+        rows += result["rows"]
+        effects.update(result["effects"])
+        truth_seconds = result["ground_truth_seconds"]
+    rows += baseline_rows(traj, behaviors, effects, config["baselines"], truth_seconds, batch_size)
     regime = regime_quantities(traj)
     for row in rows:
         row.update(regime[row["stage"]])
     out = {
         "sign_convention": SIGN_CONVENTION,
         "knobs": knobs(config, traj),
-        "ground_truth_seconds": result["ground_truth_seconds"],
+        "ground_truth_seconds": truth_seconds,
         "regime": regime,
+        "failures": failures,
         "rows": rows,
     }
     (run_dir / "fidelity.json").write_text(json.dumps(out, indent=1, allow_nan=True) + "\n")
