@@ -1,0 +1,99 @@
+"""The spurious_image experiment's smoke preset, run as a user runs it, then its seed report.
+
+Independent truths: the last stage's true gap effect is the gap of the final model minus the gap
+of the model that entered the stage (read from the trajectory, no retraining code involved); E1
+with the evaluated read-out is exact for the last stage; accuracies are recomputed by hand from
+the stored states.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attribution import SIGN_CONVENTION
+from attribution.counterfactual import as_model
+from attribution.references import Ref, load_dataset
+from attribution.trajectory import Trajectory
+from experiments.sections import markers
+from experiments.spurious_report import main as spurious_report
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("spurious")
+    command = [
+        sys.executable,
+        "-m",
+        "experiments.run",
+        "experiment=spurious_image",
+        "preset=spurious_smoke",
+        f"hydra.run.dir={run_dir}",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    assert "Blamed stage" in done.stdout and "[4/4]" in done.stdout  # report and progress
+    return run_dir
+
+
+def gap(model, data):
+    inputs, labels, groups = data
+    with torch.no_grad():
+        losses = F.cross_entropy(model(inputs), labels, reduction="none")
+    against = (groups == 1) | (groups == 2)
+    return float(losses[against].mean() - losses[~against].mean())
+
+
+def test_report_holds_the_audit_the_truth_and_every_intervention(smoke_run):
+    report = json.loads((smoke_run / "report.json").read_text())
+    assert report["sign_convention"] == SIGN_CONVENTION
+    traj = Trajectory.open(smoke_run / "trajectory")
+    data = load_dataset(
+        Ref(
+            "experiments.data:patch_mnist",
+            {"split": "test", "stop": 400, "correlation": 0.5, "label_noise": 0.0, "seed": 14},
+        )
+    ).tensors
+    final = as_model(traj, traj.checkpoint("adapt", "end"))
+    entered = as_model(traj, traj.checkpoint("adapt", "start"))
+    true_last = gap(final, data) - gap(entered, data)
+    assert report["truth"]["adapt"]["gap_effect"] == pytest.approx(true_last, abs=1e-5)
+    assert report["audit"]["gap_effect"]["adapt"] == pytest.approx(true_last, abs=1e-5)
+    assert report["audit"]["blamed"] == max(
+        report["audit"]["gap_effect"], key=report["audit"]["gap_effect"].get
+    )
+
+    with torch.no_grad():
+        correct = (final(data[0]).argmax(-1) == data[1]).double()
+    assert report["final"]["average"] == pytest.approx(float(correct.mean()))
+    worst = min(float(correct[data[2] == g].mean()) for g in range(4))
+    assert report["final"]["worst_group"] == pytest.approx(worst)
+
+    rows = report["interventions"]
+    assert {(r["intervention"], r["choice"]) for r in rows} == {
+        (i, c) for i in ("undo", "skip", "filter") for c in ("estimator", "random", "oracle")
+    }
+    for row in rows:
+        assert 0.0 <= row["worst_group"] <= row["average"] <= 1.0 and row["seconds"] >= 0
+    for row in (r for r in rows if r["intervention"] == "filter"):
+        assert row["dropped"] > 0
+        assert 0.0 <= row["dropped_carrier_share"] <= 1.0
+        assert 0.0 <= row["random_carrier_share"] <= 1.0
+    skipped_oracle = next(
+        r for r in rows if r["intervention"] == "skip" and r["choice"] == "oracle"
+    )
+    assert skipped_oracle["stage"] == report["chosen"]["oracle"]
+    assert "Sign convention" in (smoke_run / "report.md").read_text()
+
+
+def test_seed_report_writes_only_its_section(smoke_run, tmp_path):
+    start, end = markers("spurious")
+    out = tmp_path / "results.md"
+    out.write_text(f"above\n{start}\n{end}\nbelow\n")
+    assert spurious_report([str(smoke_run), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith(f"above\n{start}\n") and text.endswith(f"{end}\nbelow\n")
+    assert "from 1 runs" in text and f"--out {out}" in text and "carrier share" in text
+    assert spurious_report([str(tmp_path / "nothing")]) == 2
