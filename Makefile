@@ -21,7 +21,7 @@ test: setup
 	$(BIN)/pytest
 
 demo: setup
-	$(BIN)/python -m experiments.run experiment=stages_mnist
+	$(BIN)/python -m experiments.run experiment=spurious_image
 
 bench: setup
 	$(BIN)/python -m experiments.bench --out docs/results.md

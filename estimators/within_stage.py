@@ -252,7 +252,8 @@ def _pull_back(
         lrs = step_lrs(record, log, t)
         params, state = rule.step(params, state, gradient(params, *batch), lrs, fresh(t))
         counts["steps"] += 1
-    # vjp needs the cotangents' dicts in the order of the step's outputs (Adam reorders slots).
+    # vjp needs the cotangents' dicts in the order of the step's outputs (Adam reorders slots;
+    # the parameters come out frozen first, then trained).
     adjoint_state = {n: {s: adjoint_state[n][s] for s in slots} for n, slots in state.items()}
     for t in reversed(range(log.num_steps)):
         part, state = history.pop()
@@ -261,7 +262,8 @@ def _pull_back(
         grads, grad_pullback = vjp(partial(gradient, inputs=inputs, targets=targets), params)
         step = partial(rule.step, lrs=step_lrs(record, log, t), fresh=fresh(t))
         _, step_pullback = vjp(step, params, state, grads)
-        direct, adjoint_state, adjoint_g = step_pullback((adjoint, adjoint_state))
+        ordered = {n: adjoint[n] for n in params}
+        direct, adjoint_state, adjoint_g = step_pullback((ordered, adjoint_state))
         (curvature,) = grad_pullback(adjoint_g)
         counts["hvps"] += 1
         if score is not None:

@@ -1,9 +1,9 @@
 """The spurious_image experiment's smoke preset, run as a user runs it, then its seed report.
 
-Independent truths: the last stage's true gap effect is the gap of the final model minus the gap
-of the model that entered the stage (read from the trajectory, no retraining code involved); E1
-with the evaluated read-out is exact for the last stage; accuracies are recomputed by hand from
-the stored states.
+Independent truths: the last stage's true effect on the misled groups' loss is that loss of the
+final model minus that of the model that entered the stage (read from the trajectory, no
+retraining code involved); E1 with the evaluated read-out is exact for the last stage; accuracies
+are recomputed by hand from the stored states.
 """
 
 import json
@@ -38,12 +38,12 @@ def smoke_run(tmp_path_factory):
     return run_dir
 
 
-def gap(model, data):
+def misled_loss(model, data):
+    """Mean cross-entropy of the groups whose marker contradicts the label (1 and 2)."""
     inputs, labels, groups = data
     with torch.no_grad():
         losses = F.cross_entropy(model(inputs), labels, reduction="none")
-    against = (groups == 1) | (groups == 2)
-    return float(losses[against].mean() - losses[~against].mean())
+    return float(losses[(groups == 1) | (groups == 2)].mean())
 
 
 def test_report_holds_the_audit_the_truth_and_every_intervention(smoke_run):
@@ -58,11 +58,13 @@ def test_report_holds_the_audit_the_truth_and_every_intervention(smoke_run):
     ).tensors
     final = as_model(traj, traj.checkpoint("adapt", "end"))
     entered = as_model(traj, traj.checkpoint("adapt", "start"))
-    true_last = gap(final, data) - gap(entered, data)
-    assert report["truth"]["adapt"]["gap_effect"] == pytest.approx(true_last, abs=1e-5)
-    assert report["audit"]["gap_effect"]["adapt"] == pytest.approx(true_last, abs=1e-5)
-    assert report["audit"]["blamed"] == max(
-        report["audit"]["gap_effect"], key=report["audit"]["gap_effect"].get
+    true_last = misled_loss(final, data) - misled_loss(entered, data)
+    assert report["truth"]["adapt"]["misled_loss"] == pytest.approx(true_last, abs=1e-5)
+    estimated = report["audit"]["effects"]["misled_loss"]
+    assert estimated["adapt"] == pytest.approx(true_last, abs=1e-5)  # E1 is exact there
+    assert report["audit"]["blamed"] == max(estimated, key=estimated.get)
+    assert report["chosen"]["oracle"] == max(
+        report["stages"], key=lambda s: report["truth"][s]["misled_loss"]
     )
 
     with torch.no_grad():
