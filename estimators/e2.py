@@ -191,6 +191,10 @@ def adjoint_effects(
         for step in stage.steps():
             (params, state), pullback = vjp(step, params, state)
             pullbacks.append(pullback)
+        # vjp wants the cotangents' dicts in the order of the step's outputs (state read back
+        # from disk may hold its slots in another order).
+        adjoint = {n: adjoint[n] for n in params}
+        adjoint_state = {n: {s: adjoint_state[n][s] for s in slots} for n, slots in state.items()}
         for pullback in reversed(pullbacks):
             adjoint, adjoint_state = pullback((adjoint, adjoint_state))
         adjoint = {n: v for n, v in adjoint.items() if n not in stage.fresh_params}

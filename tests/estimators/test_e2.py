@@ -71,8 +71,9 @@ def test_e2_equals_retraining_on_a_quadratic_loss(optimizers, policies):
     [
         ([SGD, NESTEROV, NESTEROV], ["reset", "carry", "carry"]),
         ([ADAM, ADAMW, ADAMW], ["reset", "reset", "reset"]),
+        ([ADAMW, ADAMW, ADAMW], ["reset", "carry", "carry"]),
     ],
-    ids=["nesterov-carry", "adam"],
+    ids=["nesterov-carry", "adam", "adamw-carry"],
 )
 def test_adjoint_form_equals_the_linear_readout_of_the_forward_form(optimizers, policies):
     traj = record(MSE, optimizers, policies)
