@@ -1,11 +1,12 @@
 """Gather ``spurious_image`` runs over seeds into the section of ``docs/results.md``.
 
-``python -m experiments.spurious_report DIR [DIR ...] [--out docs/results.md]`` reads every
-``report.json`` under the given directories and writes, between ``<!-- spurious:start -->`` and
-``<!-- spurious:end -->`` of ``--out``: per seed, the blamed and the oracle stage; per
-intervention and stage choice, the worst-group accuracy it recovers (after minus before); the
-best intervention's recovery as a share of the oracle's; and filtering's share of
-shortcut-carrying examples among those dropped, against random dropping.
+``python -m experiments.spurious_report DIR [DIR ...] [--out docs/results.md] [--section NAME]``
+reads every ``report.json`` under the given directories and writes, between
+``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` of ``--out`` (NAME defaults to ``spurious``):
+per seed, the blamed and the oracle stage; per intervention and stage choice, the worst-group
+accuracy it recovers (after minus before); the best intervention's recovery as a share of the
+oracle's; and filtering's share of shortcut-carrying examples among those dropped, against
+random dropping.
 """
 
 from __future__ import annotations
@@ -56,14 +57,14 @@ def best_share(report: Mapping[str, Any]) -> float:
     return mine / oracle if oracle > 0 else float("nan")
 
 
-def render(reports: Sequence[Mapping[str, Any]], command: str) -> str:
+def render(reports: Sequence[Mapping[str, Any]], command: str, title: str) -> str:
     """The Markdown section."""
     first = reports[0]
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     named = sum(r["audit"]["blamed"] == r["chosen"]["oracle"] for r in reports)
     shares = [best_share(r) for r in reports]
     lines = [
-        "## Shortcut removal (generated)",
+        f"### {title} (generated)",
         "",
         f"Generated on {when} from {len(reports)} runs by the command below, after the sweep",
         "given above it. Sign convention: " + first["sign_convention"],
@@ -102,7 +103,7 @@ def render(reports: Sequence[Mapping[str, Any]], command: str) -> str:
         "Cells: worst-group accuracy recovered (after minus before). Average accuracy and the",
         "seconds of every intervention are in each run's `report.md`.",
         "",
-        "### Within-stage filtering: shortcut carriers among the dropped examples",
+        "Within-stage filtering: shortcut carriers among the dropped examples.",
         "",
         "| seed | stage | dropped | carrier share (filter) | carrier share (random) |",
         "|---|---|---|---|---|",
@@ -123,10 +124,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.spurious_report")
     parser.add_argument("dirs", nargs="+", type=Path, help="directories holding the runs")
     parser.add_argument("--out", type=Path, help="Markdown file holding the two marker lines")
+    parser.add_argument("--section", default=SECTION, help="name of the marked section")
+    parser.add_argument("--title", default="Shortcut removal", help="the section's heading")
     args = parser.parse_args(argv)
     try:
         if args.out is not None:
-            check_out(args.out, SECTION)
+            check_out(args.out, args.section)
         reports = load_reports(args.dirs)
         if not reports:
             raise SectionError(
@@ -134,12 +137,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "`python -m experiments.run -m experiment=spurious_image seed=0,1,2,3,4` first",
                 status=2,
             )
-        section = render(
-            reports, shlex.join(["python", "-m", "experiments.spurious_report", *argv])
-        )
+        command = shlex.join(["python", "-m", "experiments.spurious_report", *argv])
+        section = render(reports, command, args.title)
         print(section)
         if args.out is not None:
-            write_section(args.out, SECTION, section)
+            write_section(args.out, args.section, section)
     except SectionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.status

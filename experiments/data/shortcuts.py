@@ -96,13 +96,14 @@ def patch_mnist(
 ) -> TensorDataset:
     """Binary ``class >= 5`` with a white ``patch`` x ``patch`` square top-left where attribute = 1.
 
-    ``correlation=0.5`` plants no shortcut, ``1.0`` a perfect one. Inputs ``[N, 1, 28, 28]``
-    (``[N, 784]`` with ``flatten``) float32: pixels scaled to [0, 1], the square set to 1, then
-    normalised with the source's training mean/std. Labels and groups int64 ``[N]``,
-    ``group = 2 * label + attribute`` (see the module docstring).
+    ``correlation=0.5`` plants no shortcut, ``1.0`` a perfect one; ``patch=0`` draws no square
+    (a target domain without the marker; the groups keep the drawn attribute). Inputs
+    ``[N, 1, 28, 28]`` (``[N, 784]`` with ``flatten``) float32: pixels scaled to [0, 1], the
+    square set to 1, then normalised with the source's training mean/std. Labels and groups
+    int64 ``[N]``, ``group = 2 * label + attribute`` (see the module docstring).
     """
-    if not isinstance(patch, int) or not 1 <= patch <= SIDE:
-        raise SpecError("patch", f"got {patch!r}", f"give the square's side in pixels, 1-{SIDE}")
+    if not isinstance(patch, int) or not 0 <= patch <= SIDE:
+        raise SpecError("patch", f"got {patch!r}", f"give the square's side in pixels, 0-{SIDE}")
     images, labels, attributes, (mean, std) = _planted(
         split, start, stop, correlation, label_noise, seed, source
     )

@@ -74,8 +74,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     logger = make_logger(config["logger"], run_dir, config)
     log.info("[1/4] training the pipeline")
     traj = run_pipeline(spec, run_dir / "trajectory", progress(logger))
-    test = GroupData.of(Ref.from_dict(config["evaluation"]["data"], "evaluation.data"))
     settings = config["audit"]
+    misled = behaviors[settings["behavior"]].groups
+    test = GroupData.of(
+        Ref.from_dict(config["evaluation"]["data"], "evaluation.data"),
+        sorted({g for ids in (misled or {}).values() for g in ids}),
+    )
 
     log.info("[2/4] audit with %s (%s read-out)", settings["estimator"], settings["readout"])
     estimator = estimator_for(settings["estimator"], traj, config.get("settings", {}).get("e3"))
@@ -153,16 +157,22 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
 
 class GroupData:
-    """A labelled test set with group ids (``2 * label + marker``), scored by group."""
+    """A labelled test set with group ids (``2 * label + marker``), scored by group; ``misled``
+    are the ids of the groups the shortcut misleads."""
 
-    def __init__(self, inputs: Tensor, labels: Tensor, groups: Tensor) -> None:
+    def __init__(self, inputs: Tensor, labels: Tensor, groups: Tensor, misled: list[int]) -> None:
+        if not misled:
+            raise ValueError(
+                "the audit behaviour names no groups. Fix: point audit.behavior at a group_mean "
+                "behaviour over the misled groups, e.g. groups: {misled: [1, 2]}"
+            )
         self.inputs, self.labels, self.groups = inputs, labels, groups
-        self.against = (groups == 1) | (groups == 2)
+        self.against = torch.isin(groups, torch.tensor(misled))
 
     @classmethod
-    def of(cls, ref: Ref) -> GroupData:
+    def of(cls, ref: Ref, misled: list[int]) -> GroupData:
         inputs, labels, groups = load_dataset(ref).tensors
-        return cls(inputs, labels, groups)
+        return cls(inputs, labels, groups, misled)
 
     def accuracy(self, model: nn.Module, params: Mapping[str, Tensor]) -> dict[str, Any]:
         """Average accuracy, accuracy per group and the worst group's."""

@@ -151,7 +151,19 @@ def test_bad_arguments_name_the_field(builder, kwargs, field):
     assert str(caught.value).startswith(f"{field}:")
 
 
-@pytest.mark.parametrize("patch", [0, 29, 2.0])
+@pytest.mark.parametrize("patch", [-1, 29, 2.0])
 def test_bad_patch_size(patch):
     with pytest.raises(SpecError, match="patch"):
         patch_mnist("test", stop=10, patch=patch)
+
+
+def test_patch_zero_is_a_target_without_the_marker():
+    plain = patch_mnist("test", stop=200, correlation=1.0, label_noise=0.0, patch=0)
+    marked = patch_mnist("test", stop=200, correlation=1.0, label_noise=0.0, patch=4)
+    torch.testing.assert_close(plain.tensors[2], marked.tensors[2])  # same groups
+    with_marker = marked.tensors[2] % 2 == 1
+    assert with_marker.any() and not torch.equal(plain.tensors[0], marked.tensors[0])
+    torch.testing.assert_close(plain.tensors[0][~with_marker], marked.tensors[0][~with_marker])
+    # no corner square anywhere: the corner holds the digit's own (near-blank) pixels
+    corner = plain.tensors[0][:, 0, :4, :4]
+    assert float(corner.max()) < float(marked.tensors[0][with_marker][:, 0, :4, :4].min())
