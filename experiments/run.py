@@ -1,8 +1,7 @@
 """Hydra entry point: ``python -m experiments.run experiment=NAME [overrides]``.
 
 Every run writes its fully resolved configuration to ``config.resolved.yaml`` in its run directory,
-beside its results. Configs may multiply numbers with ``${mul:a,b}`` (e.g. a base learning rate
-times a sweep's scale).
+beside its results.
 """
 
 from __future__ import annotations
@@ -15,9 +14,6 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.tasks import TASKS
-
-if not OmegaConf.has_resolver("mul"):
-    OmegaConf.register_new_resolver("mul", lambda a, b: float(a) * float(b))
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")

@@ -9,14 +9,18 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from attribution import SIGN_CONVENTION
 from attribution.trajectory import Trajectory
 from experiments.fidelity_report import main as fidelity_report
 from experiments.sections import markers
 
+REPO = Path(__file__).resolve().parents[2]
 ESTIMATORS = ["e0", "e1", "e3", "e4:2", "e2"]
 
 
@@ -105,3 +109,22 @@ def test_report_writes_only_its_section_and_the_figures(smoke_run, tmp_path):
     assert fidelity_report([str(smoke_run), "--out", str(unmarked)]) == 2
     assert unmarked.read_text() == "no markers\n"
     assert fidelity_report([str(tmp_path / "empty")]) == 2
+
+
+@pytest.mark.parametrize(
+    "overrides,stages",
+    [
+        ([], ["pretrain", "finetune", "adapt"]),
+        (["stages=four"], ["pretrain", "finetune", "refine", "adapt"]),
+    ],
+)
+def test_sweep_knobs_compose(overrides, stages):
+    """`stages=four`, `later=...` and `later.lr_scale` are plain overrides, as in the sweeps."""
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(
+            "config", ["experiment=fidelity", "later=adamw", "later.lr_scale=0.5", *overrides]
+        )
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert list(resolved["pipeline"]["stages"]) == stages
+    finetune = resolved["pipeline"]["stages"]["finetune"]
+    assert finetune["optimizer"]["type"] == "adamw" and finetune["lr"] == pytest.approx(0.5e-3)
