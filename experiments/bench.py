@@ -48,7 +48,7 @@ from attribution.readout import evaluated_effects, linear_effects
 from attribution.references import load_dataset
 from attribution.spec import PipelineSpec
 from attribution.trajectory import MANIFEST, Trajectory
-from estimators import E0, E1, E2, E4
+from estimators import E0, E1, E2, E3, E4
 from experiments.data import mnist
 from experiments.sections import SectionError, check_out, machine, write_section
 
@@ -80,6 +80,8 @@ METHODS: dict[str, Callable[[Trajectory], Any]] = {
     "e0": E0().embed,
     "e1": E1().embed,
     "e2": E2().embed,
+    "e3": E3().embed,
+    "e3 (rank 5, 128 examples, end)": E3(rank=5, sample=128, at="end").embed,
     "e4:2": E4(2).embed,
     "e4:4": E4(4).embed,
 }
