@@ -85,8 +85,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             log.warning("%s failed: %s", estimator, exc)
             failures[estimator] = str(exc)
             continue
-        rows += result["rows"]
-        effects.update(result["effects"])
+        name = label(estimator, (config.get("settings") or {}).get(estimator.partition(":")[0]))
+        rows += [{**row, "estimator": name} for row in result["rows"]]
+        effects.update({k.replace(estimator, name, 1): v for k, v in result["effects"].items()})
         truth_seconds = result["ground_truth_seconds"]
     rows += baseline_rows(traj, behaviors, effects, config["baselines"], truth_seconds, batch_size)
     regime = regime_quantities(traj)
@@ -117,6 +118,19 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     )
     logger.finish()
     return out
+
+
+def label(estimator: str, settings: Mapping[str, Any] | None) -> str:
+    """The estimator's name, with the settings that differ from its defaults, e.g.
+    ``e3(at=end, rank=5)``, so that runs with other settings stay apart in the report."""
+    base = estimator.partition(":")[0]
+    if not settings or ":" in estimator:
+        return estimator
+    defaults = ESTIMATORS[base]().settings()
+    changed = {k: v for k, v in ESTIMATORS[base](**settings).settings().items() if defaults[k] != v}
+    if not changed:
+        return estimator
+    return f"{estimator}({', '.join(f'{k}={v}' for k, v in sorted(changed.items()))})"
 
 
 def baseline_rows(
