@@ -98,18 +98,18 @@ def as_model(traj: Trajectory, state: dict[str, torch.Tensor]) -> nn.Module:
 def check_skippable(traj: Trajectory, stage: str | int) -> int:
     """The index of ``stage`` if skipping it is well defined for this record; else an error
     saying why. Estimators refuse the same stages, so estimates and truth always pair up."""
-    _check_complete(traj)
+    check_complete(traj, "a counterfactual")
     k = traj.index(stage)
     _check_carry(traj, k)
     return k
 
 
-def _check_complete(traj: Trajectory) -> None:
-    """A counterfactual of an unfinished run would miss its later stages."""
+def check_complete(traj: Trajectory, what: str) -> None:
+    """``what`` (a counterfactual, a rerun) of an unfinished run would miss its later stages."""
     if not traj.complete:
         raise TrajectoryError(
             traj.store.where("manifest.json"),
-            f"the run is incomplete ({len(traj.stages)} stage(s) recorded), so a counterfactual "
+            f"the run is incomplete ({len(traj.stages)} stage(s) recorded), so {what} "
             "would miss its later stages",
             "resume the run (run the same pipeline again) or call Recorder.finish()",
             field="complete",

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from attribution.counterfactual import retrain_after, skip_stage
+from attribution.counterfactual import check_complete, retrain_after, skip_stage
 from attribution.errors import SpecError, StagetraceError, TrajectoryError
 from attribution.pipeline import continue_stage
 from attribution.references import load_dataset
@@ -100,7 +100,7 @@ def filter_and_rerun(
     began = time.perf_counter()
     k = traj.index(stage)
     record = traj.stages[k]
-    _check_complete(traj)
+    check_complete(traj, "a rerun")
     log = traj.steps(k)
     if not log.has_batch_order:
         raise TrajectoryError(
@@ -188,14 +188,3 @@ def _indices(drop: Sequence[int] | torch.Tensor, size: int, stage: str) -> torch
             f"give dataset indices in [0, {size})",
         )
     return values.unique()
-
-
-def _check_complete(traj: Trajectory) -> None:
-    if not traj.complete:
-        raise TrajectoryError(
-            traj.store.where("manifest.json"),
-            f"the run is incomplete ({len(traj.stages)} stage(s) recorded), so a rerun would "
-            "miss its later stages",
-            "resume the run (run the same pipeline again) or call Recorder.finish()",
-            field="complete",
-        )

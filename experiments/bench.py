@@ -29,7 +29,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, TypeVar
@@ -50,7 +49,7 @@ from attribution.spec import PipelineSpec
 from attribution.trajectory import MANIFEST, Trajectory
 from estimators import E0, E1, E2, E3, E4
 from experiments.data import mnist
-from experiments.sections import SectionError, check_out, machine, write_section
+from experiments.sections import SectionError, check_out, provenance, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "runs" / "bench"
@@ -331,17 +330,12 @@ def render(
     """The Markdown section: provenance, then the three tables."""
     truth = next(c.seconds for c in costs if c.method == "ground truth")
     jvp = gradients[0].seconds
-    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
-        "## Cost and throughput (generated)",
-        "",
-        f"Generated on {when} by the command below; rerun it (or `make bench`) to refresh it.",
-        "",
-        "```bash",
-        command,
-        "```",
-        "",
-        f"Machine: {machine()}.",
+        *provenance(
+            "## Cost and throughput (generated)",
+            "by the command below; rerun it (or `make bench`) to refresh it.",
+            command,
+        ),
         f"Trajectory: {trajectory}",
         "",
         "### Cost of the stage embeddings",

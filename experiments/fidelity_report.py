@@ -24,13 +24,12 @@ import shlex
 import sys
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from experiments.sections import SectionError, check_out, machine, write_section
+from experiments.sections import SectionError, check_out, provenance, write_section
 
 SECTION = "fidelity"
 DEFAULT = {"model": "MLP", "stages": 3, "later": "sgd_momentum", "lr_scale": 1.0}
@@ -270,18 +269,13 @@ def render(rows: Sequence[Row], command: str, figures: Path, out: Path | None) -
     default = select(loss_rows, **DEFAULT)
     relative = figures.relative_to(out.parent) if out is not None else figures
     runs = len({r["run"] for r in rows})
-    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
-        "## The fidelity study (generated)",
-        "",
-        f"Generated on {when} from {runs} runs by the command below, after the sweeps listed in",
-        "the section above it; every number comes from the runs' `fidelity.json` files.",
-        "",
-        "```bash",
-        command,
-        "```",
-        "",
-        f"Machine: {machine()}.",
+        *provenance(
+            "## The fidelity study (generated)",
+            f"from {runs} runs by the command below, after the sweeps listed above it; every "
+            "number comes from the runs' `fidelity.json` files.",
+            command,
+        ),
         "",
         "### Default configuration (mean over seeds, per-example test loss)",
         "",

@@ -11,6 +11,7 @@ import os
 import platform
 import shutil
 import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -87,3 +88,21 @@ def machine() -> str:
         f"{cpu}, {os.cpu_count()} logical CPUs, {memory} memory; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads"
     )
+
+
+def provenance(heading: str, source: str, command: str) -> list[str]:
+    """The first lines of a generated section: its heading, when and from what it was generated
+    (``source`` completes "Generated on <time> ..."), the command that reproduces it, the
+    machine."""
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return [
+        heading,
+        "",
+        f"Generated on {when} {source}",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+        f"Machine: {machine()}.",
+    ]

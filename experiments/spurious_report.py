@@ -16,13 +16,12 @@ import json
 import shlex
 import sys
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from experiments.sections import SectionError, check_out, machine, write_section
+from experiments.sections import SectionError, check_out, provenance, write_section
 
 SECTION = "spurious"
 INTERVENTIONS = ("undo", "skip", "filter")
@@ -60,20 +59,15 @@ def best_share(report: Mapping[str, Any]) -> float:
 def render(reports: Sequence[Mapping[str, Any]], command: str, title: str) -> str:
     """The Markdown section."""
     first = reports[0]
-    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     named = sum(r["audit"]["blamed"] == r["chosen"]["oracle"] for r in reports)
     shares = [best_share(r) for r in reports]
     lines = [
-        f"### {title} (generated)",
-        "",
-        f"Generated on {when} from {len(reports)} runs by the command below, after the sweep",
-        "given above it. Sign convention: " + first["sign_convention"],
-        "",
-        "```bash",
-        command,
-        "```",
-        "",
-        f"Machine: {machine()}.",
+        *provenance(
+            f"### {title} (generated)",
+            f"from {len(reports)} runs by the command below, after the sweep given above it. "
+            f"Sign convention: {first['sign_convention']}",
+            command,
+        ),
         "",
         f"Estimator {first['audit']['estimator']} ({first['audit']['readout']} read-out) named "
         f"the oracle's stage in {named} of {len(reports)} seeds. The best intervention on its "

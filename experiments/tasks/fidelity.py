@@ -22,21 +22,18 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from attribution import SIGN_CONVENTION
-from attribution.audit import BEHAVIORS_FILE, fidelity_rows, validate
+from attribution.audit import fidelity_rows, validate
 from attribution.behaviors import Behavior
 from attribution.errors import StagetraceError
 from attribution.pipeline import run_pipeline
-from attribution.spec import PipelineSpec
 from attribution.trajectory import Trajectory
 from estimators import ESTIMATORS
 from estimators.base import final_parameter_names, stage_displacement
 from estimators.tracin import tracin_effects
-from experiments.logger import make_logger
-from experiments.tasks.stages_mnist import progress
+from experiments.tasks.setup import Task
 
 log = logging.getLogger(__name__)
 
@@ -56,17 +53,12 @@ COLUMNS = (
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Record, retrain without each stage, score every estimator; write the run's results."""
-    config = OmegaConf.to_container(cfg, resolve=True)
-    spec = PipelineSpec.from_dict(config["pipeline"])
-    behaviors = {
-        n: Behavior.from_dict(n, b, f"behaviors.{n}") for n, b in config["behaviors"].items()
-    }
-    (run_dir / BEHAVIORS_FILE).write_text(yaml.safe_dump(config["behaviors"], sort_keys=False))
-    unknown = [e for e in config["estimators"] if e.partition(":")[0] not in ESTIMATORS]
+    unknown = [e for e in cfg.estimators if e.partition(":")[0] not in ESTIMATORS]
     if unknown:
         raise ValueError(f"unknown estimators {unknown}. Fix: use {', '.join(ESTIMATORS)}")
-    logger = make_logger(config["logger"], run_dir, config)
-    traj = run_pipeline(spec, run_dir / "trajectory", progress(logger))
+    task = Task.prepare(cfg, run_dir)
+    config, behaviors, logger = task.config, task.behaviors, task.logger
+    traj = run_pipeline(task.spec, run_dir / "trajectory", task.progress())
     log.info("recorded %s; retraining without each stage and scoring the estimators", traj.names)
     batch_size = config["evaluation"]["batch_size"]
     rows, effects, truth_seconds, failures = [], {}, 0.0, {}

@@ -33,13 +33,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from attribution import SIGN_CONVENTION
-from attribution.audit import BEHAVIORS_FILE, audit, estimator_for, final_model
-from attribution.behaviors import Behavior, per_example
+from attribution.audit import audit, estimator_for, final_model
+from attribution.behaviors import per_example
 from attribution.interventions import (
     Intervention,
     filter_and_rerun,
@@ -50,13 +49,11 @@ from attribution.interventions import (
 )
 from attribution.pipeline import run_pipeline
 from attribution.references import Ref, load_dataset
-from attribution.spec import PipelineSpec
 from attribution.trajectory import Trajectory
 from estimators import StageEmbeddings, stored_embeddings
 from estimators.within_stage import example_scores
 from experiments.data import mnist
-from experiments.logger import make_logger
-from experiments.tasks.stages_mnist import progress
+from experiments.tasks.setup import Task
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +62,10 @@ CHOICES = ("estimator", "random", "oracle")
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Record the pipeline, audit it, intervene; write and print the report."""
-    config = OmegaConf.to_container(cfg, resolve=True)
-    spec = PipelineSpec.from_dict(config["pipeline"])
-    behaviors = {
-        n: Behavior.from_dict(n, b, f"behaviors.{n}") for n, b in config["behaviors"].items()
-    }
-    (run_dir / BEHAVIORS_FILE).write_text(yaml.safe_dump(config["behaviors"], sort_keys=False))
-    logger = make_logger(config["logger"], run_dir, config)
+    task = Task.prepare(cfg, run_dir)
+    config, behaviors, logger = task.config, task.behaviors, task.logger
     log.info("[1/4] training the pipeline")
-    traj = run_pipeline(spec, run_dir / "trajectory", progress(logger))
+    traj = run_pipeline(task.spec, run_dir / "trajectory", task.progress())
     settings = config["audit"]
     misled = behaviors[settings["behavior"]].groups
     test = GroupData.of(

@@ -13,33 +13,25 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from attribution import SIGN_CONVENTION
-from attribution.audit import BEHAVIORS_FILE
-from attribution.behaviors import Behavior
 from attribution.counterfactual import as_model, skip_stage
-from attribution.pipeline import StepCallback, run_pipeline
+from attribution.pipeline import run_pipeline
 from attribution.references import Ref, load_dataset
-from attribution.spec import PipelineSpec
 from attribution.trajectory import Trajectory
 from experiments.evaluation import Metrics, evaluate
-from experiments.logger import make_logger
+from experiments.tasks.setup import Task
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Record the pipeline under ``run_dir/trajectory``; with ``ground_truth``, skip each stage."""
-    config = OmegaConf.to_container(cfg, resolve=True)
-    spec = PipelineSpec.from_dict(config["pipeline"])
-    for name, behavior in config["behaviors"].items():
-        Behavior.from_dict(name, behavior, f"behaviors.{name}")
-    (run_dir / BEHAVIORS_FILE).write_text(yaml.safe_dump(config["behaviors"], sort_keys=False))
-    logger = make_logger(config["logger"], run_dir, config)
+    task = Task.prepare(cfg, run_dir)
+    config, logger = task.config, task.logger
     began = time.perf_counter()
-    traj = run_pipeline(spec, run_dir / "trajectory", progress(logger))
+    traj = run_pipeline(task.spec, run_dir / "trajectory", task.progress())
     log.info(
         "recorded %d stages in %.1f s -> %s",
         len(traj.stages),
@@ -111,14 +103,3 @@ def format_table(result: dict[str, Any]) -> str:
 
 def _effect(final: Metrics, without: Metrics) -> dict[str, float]:
     return {"loss": final.loss - without.loss, "accuracy": final.accuracy - without.accuracy}
-
-
-def progress(logger: Any) -> StepCallback:
-    """A step callback that logs each loss and prints progress four times per stage."""
-
-    def on_step(stage: str, t: int, total: int, loss: float) -> None:
-        logger.log({f"train/{stage}/loss": loss})
-        if (t + 1) % max(1, total // 4) == 0 or t + 1 == total:
-            log.info("[%s] step %d/%d  loss %.4f", stage, t + 1, total, loss)
-
-    return on_step
