@@ -207,23 +207,24 @@ def plot_cost(rows: Sequence[Row], path: Path) -> None:
     """Fidelity (Pearson, per-example test loss) against cost (× ground-truth seconds)."""
     plt = _pyplot()
     stages = sorted({r["stage"] for r in rows}, key=_stage_order)
+    methods = [k for k in grouped(rows, ["estimator", "readout"]) if k[0] != "random"]
+    colours = dict(zip(methods, plt.cm.tab20.colors, strict=False))
     fig, axes = plt.subplots(1, len(stages), figsize=(3.4 * len(stages), 3.2), squeeze=False)
     for ax, stage in zip(axes[0], stages, strict=True):
-        for (estimator, readout), group in grouped(
-            select(rows, stage=stage), ["estimator", "readout"]
-        ).items():
-            if estimator == "random":
+        for key, group in grouped(select(rows, stage=stage), ["estimator", "readout"]).items():
+            if key not in colours:
                 continue
             xs = [max(r["cost_ratio"], 1e-4) for r in group]
             ys = [r["pearson"] for r in group]
-            ax.scatter(xs, ys, s=10, label=f"{estimator} {readout}", alpha=0.7)
+            ax.scatter(xs, ys, s=10, color=colours[key], label=" ".join(key), alpha=0.7)
         ax.set_xscale("log")
         ax.set_title(stage, fontsize=9)
         ax.set_xlabel("seconds / ground-truth seconds", fontsize=8)
         ax.axhline(TARGET, color="grey", linewidth=0.6, linestyle="--")
         ax.axvline(CHEAP, color="grey", linewidth=0.6, linestyle=":")
     axes[0][0].set_ylabel("Pearson with the truth", fontsize=8)
-    axes[0][-1].legend(fontsize=6, loc="lower right")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
     _save(fig, path)
 
 
