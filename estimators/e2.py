@@ -197,19 +197,7 @@ def adjoint_effects(
         adjoint_state = {n: {s: adjoint_state[n][s] for s in slots} for n, slots in state.items()}
         for pullback in reversed(pullbacks):
             adjoint, adjoint_state = pullback((adjoint, adjoint_state))
-        adjoint = {n: v for n, v in adjoint.items() if n not in stage.fresh_params}
-        handed = (
-            carried_state(
-                {
-                    n: {s: v for s, v in slots.items() if s != "step"}
-                    for n, slots in adjoint_state.items()
-                },
-                stage.record,
-                stage.model,
-            )
-            if stage.record.optimizer_policy == "carry"
-            else {}
-        )
+        adjoint, handed = across_entry(stage, adjoint, adjoint_state)
         k = j - 1
         state_offset = handed_state(traj, k)
         effects[traj.stages[k].name] = -(
@@ -218,6 +206,19 @@ def adjoint_effects(
         )
         adjoint_state = handed
     return effects
+
+
+def across_entry(
+    stage: TrainingStart, adjoint: Params, adjoint_state: State
+) -> tuple[Params, State]:
+    """Adjoints at a stage's training start -> adjoints at the previous stage's end: re-initialised
+    and newly added parameters drop out (their values did not come from earlier), and the state
+    adjoint passes back only under the ``carry`` policy (step counts carry no adjoint)."""
+    adjoint = {n: v for n, v in adjoint.items() if n not in stage.fresh_params}
+    if stage.record.optimizer_policy != "carry":
+        return adjoint, {}
+    slots = {n: {s: v for s, v in sl.items() if s != "step"} for n, sl in adjoint_state.items()}
+    return adjoint, carried_state(slots, stage.record, stage.model)
 
 
 def _dot(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:

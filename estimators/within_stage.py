@@ -41,11 +41,11 @@ from torch import Tensor
 from torch.func import functional_call, grad, jvp, vjp
 
 from attribution.errors import StagetraceError, TrajectoryError
-from attribution.pipeline import carried_state, fetch_batch
+from attribution.pipeline import fetch_batch
 from attribution.references import load_dataset, loss_function
 from attribution.trajectory import StageRecord, StepLog, Trajectory
 from estimators.base import final_parameter_names
-from estimators.e2 import TrainingStart
+from estimators.e2 import TrainingStart, across_entry
 from estimators.functional import Params, State, step_lrs
 
 PerExampleLoss = Callable[[Tensor, Tensor], Tensor]
@@ -190,19 +190,7 @@ def _adjoint_at_end(
         adjoint, adjoint_state = _pull_back(
             start, *_entering(start, adjoint, adjoint_state), counts
         )
-        adjoint = {n: v for n, v in adjoint.items() if n not in start.fresh_params}
-        adjoint_state = (
-            carried_state(
-                {
-                    n: {s: v for s, v in slots.items() if s != "step"}
-                    for n, slots in adjoint_state.items()
-                },
-                start.record,
-                start.model,
-            )
-            if start.record.optimizer_policy == "carry"
-            else {}
-        )
+        adjoint, adjoint_state = across_entry(start, adjoint, adjoint_state)
     return adjoint, adjoint_state
 
 
