@@ -115,14 +115,16 @@ def audit(
     behaviors: Mapping[str, Behavior],
     readout: str = "evaluated",
     batch_size: int = 512,
+    settings: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Stage effects on every behaviour: per stage, each output's effect and their mean."""
+    """Stage effects on every behaviour: per stage, each output's effect and their mean;
+    ``settings`` are the estimator's (e.g. E3's ``rank``)."""
     if readout not in READOUTS:
         raise StagetraceError(
             f"unknown read-out {readout!r}. Fix: use one of {', '.join(READOUTS)}"
         )
     data = {name: b.load() for name, b in behaviors.items()}
-    embeddings, reused = stored_embeddings(estimator_for(estimator, traj), traj)
+    embeddings, reused = stored_embeddings(estimator_for(estimator, traj, settings), traj)
     model, params = final_model(traj)
     began = time.perf_counter()
     results = {}

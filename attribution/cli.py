@@ -10,6 +10,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from attribution import SIGN_CONVENTION
 from attribution.audit import audit, default_behaviors_file, load_behaviors, validate
@@ -69,6 +72,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             help="YAML behaviours (default: behaviors.yaml of the run directory)",
         )
         sub.add_argument("--batch-size", type=int, default=512, help="examples per forward pass")
+        sub.add_argument(
+            "--setting",
+            action="append",
+            default=[],
+            metavar="EST.KEY=VALUE",
+            help="an estimator setting, e.g. e3.rank=5 or e3.at=end (repeatable)",
+        )
         sub.add_argument(
             "--out",
             metavar="FILE",
@@ -147,9 +157,25 @@ def _write(args: argparse.Namespace, traj: Trajectory, result: dict) -> Path:
     return out
 
 
+def _settings(pairs: list[str]) -> dict[str, dict[str, Any]]:
+    """``["e3.rank=5", "e3.at=end"]`` -> ``{"e3": {"rank": 5, "at": "end"}}`` (values parsed as
+    YAML scalars)."""
+    settings: dict[str, dict[str, Any]] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        estimator, dot, name = key.partition(".")
+        if not (sep and dot and estimator and name):
+            raise StagetraceError(
+                f"--setting {pair!r} is not EST.KEY=VALUE. Fix: write e.g. --setting e3.rank=5"
+            )
+        settings.setdefault(estimator, {})[name] = yaml.safe_load(value)
+    return settings
+
+
 def _audit(args: argparse.Namespace) -> int:
     traj = Trajectory.open(args.run)
-    result = audit(traj, args.estimator, _behaviors(args), args.readout, args.batch_size)
+    settings = _settings(args.setting).get(args.estimator.partition(":")[0])
+    result = audit(traj, args.estimator, _behaviors(args), args.readout, args.batch_size, settings)
     behaviors = list(result["behaviors"])
     print(f"estimator {args.estimator}, {args.readout} read-out: mean effect per stage")
     print(f"{'stage':<14}" + "".join(f"{b[:18]:>20}" for b in behaviors))
@@ -169,6 +195,7 @@ def _validate(args: argparse.Namespace) -> int:
         args.readouts.split(","),
         _behaviors(args),
         args.batch_size,
+        _settings(args.setting),
     )
     print(fidelity_table(result))
     print(f"-> {_write(args, traj, result)}")

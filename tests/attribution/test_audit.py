@@ -563,3 +563,41 @@ def test_unknown_estimator_or_readout_in_the_api(run_copy, behaviors_file):
         audit(traj, "e1", behaviors, readout="exact")
     check_message(info.value, "'exact'", "linear, evaluated")
     assert tree_bytes(run_copy) == before
+
+
+def test_setting_reaches_the_estimator_and_bad_ones_are_refused(run_copy, behaviors_file, capsys):
+    argv = ["--estimator", "e3", "--behaviors", behaviors_file]
+    code, _, err = cli(
+        capsys,
+        "audit",
+        run_copy,
+        *argv,
+        "--setting",
+        "e3.rank=2",
+        "--setting",
+        "e3.at=end",
+        "--setting",
+        "e3.sample=16",
+    )
+    assert (code, err) == (0, "")
+    result = json.loads((run_copy / "attribution.json").read_text())
+    assert result["estimator"]["settings"] == {
+        "rank": 2,
+        "sample": 16,
+        "at": "end",
+        "curvature": "hessian",
+        "seed": 0,
+    }
+    api = audit(
+        Trajectory.open(run_copy),
+        "e3",
+        load_behaviors(behaviors_file),
+        settings={"rank": 2, "at": "end", "sample": 16},
+    )
+    assert api["behaviors"]["test_loss"]["effects"] == result["behaviors"]["test_loss"]["effects"]
+    before = tree_bytes(run_copy)
+    for bad, named in [("e3.rank", "EST.KEY=VALUE"), ("e3.rank=-1", "e3.rank")]:
+        code, out, err = cli(capsys, "audit", run_copy, *argv, "--setting", bad)
+        assert (code, out) == (2, "")
+        check_cli_error(err, named)
+    assert tree_bytes(run_copy) == before
