@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from attribution.errors import SpecError, StagetraceError
-from experiments.data.celeba import read_images
+from experiments.data.files import read_images, stamped
 from experiments.data.shortcuts import window
 
 INDEX = "Image Index"
@@ -30,6 +30,7 @@ ATTRIBUTES = {
 }
 SPLIT_FILES = {"train": "train_val_list.txt", "test": "test_list.txt"}
 OFFICIAL = "https://nihcc.app.box.com/v/ChestXray-NIHCC"
+RELEASE = f"ChestX-ray14 release ({OFFICIAL})"
 
 
 def chest_xray(
@@ -63,7 +64,7 @@ def chest_xray(
             "split", f"got {split!r}", f"use None (all rows) or {', '.join(SPLIT_FILES)}"
         )
     path = folder / csv
-    header, table = _table(*_stamped(path))
+    header, table = _table(*stamped(path, RELEASE))
     column, coding = ATTRIBUTES[attribute]
     names, findings, values = (
         _column(path, header, table, name) for name in (INDEX, FINDINGS, column)
@@ -86,7 +87,7 @@ def chest_xray(
         )
     rows = np.arange(len(names))
     if split is not None:
-        listed = _listed(*_stamped(folder / SPLIT_FILES[split]))
+        listed = _listed(*stamped(folder / SPLIT_FILES[split], RELEASE))
         rows = rows[np.array([name in listed for name in names], dtype=bool)]
     rows = rows[window(len(rows), start, stop, f"the ChestX-ray14 rows (split={split})")]
     labels = torch.tensor([int(present[i]) for i in rows], dtype=torch.int64)
@@ -109,17 +110,6 @@ def _image_paths(folder: Path, names: list[str]) -> list[Path]:
             f"of {len(names)} missing). Fix: extract the release's image archives under {folder}"
         )
     return [found[name] for name in names]
-
-
-def _stamped(path: Path) -> tuple[str, int, int]:
-    """``path`` with its modification time and size, the cache key of a parsed text file."""
-    if not path.is_file():
-        raise StagetraceError(
-            f"{path} does not exist. Fix: copy it from the ChestX-ray14 release ({OFFICIAL}) "
-            "into the root folder"
-        )
-    stat = path.stat()
-    return str(path), stat.st_mtime_ns, stat.st_size
 
 
 @functools.cache
