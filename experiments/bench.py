@@ -49,7 +49,7 @@ from attribution.spec import PipelineSpec
 from attribution.trajectory import MANIFEST, Trajectory
 from estimators import E0, E1, E2, E3, E4
 from experiments.data import mnist
-from experiments.sections import SectionError, check_out, provenance, write_section
+from experiments.sections import SectionError, provenance, publish
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "runs" / "bench"
@@ -401,17 +401,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="Markdown file holding the two marker lines")
     parser.add_argument("--quick", action="store_true", help="preset=smoke, one repeat")
     args = parser.parse_args(argv)
-    try:
-        if args.out is not None:
-            check_out(args.out, SECTION)
-        section = benchmark(args.quick, shlex.join(["python", "-m", "experiments.bench", *argv]))
-        print(section)
-        if args.out is not None:
-            write_section(args.out, SECTION, section)
-    except SectionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.status
-    return 0
+    command = shlex.join(["python", "-m", "experiments.bench", *argv])
+    return publish(args.out, SECTION, lambda: benchmark(args.quick, command))
 
 
 if __name__ == "__main__":

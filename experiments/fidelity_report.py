@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments.sections import SectionError, check_out, provenance, write_section
+from experiments.sections import SectionError, provenance, publish
 
 SECTION = "fidelity"
 DEFAULT = {"model": "MLP", "stages": 3, "later": "sgd_momentum", "lr_scale": 1.0}
@@ -332,29 +332,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="Markdown file holding the two marker lines")
     parser.add_argument("--figures", type=Path, default=Path("docs/figures"))
     args = parser.parse_args(argv)
-    try:
-        if args.out is not None:
-            check_out(args.out, SECTION)
-        rows = load_runs(args.dirs)
-        if not rows:
-            raise SectionError(
-                f"no fidelity.json under {', '.join(map(str, args.dirs))}. Fix: run "
-                "`python -m experiments.run -m experiment=fidelity ...` first",
-                status=2,
-            )
-        args.figures.mkdir(parents=True, exist_ok=True)
-        loss_rows = select(rows, behavior=BEHAVIOR)
-        plot_cost(loss_rows, args.figures / "fidelity_cost.png")
-        plot_regime(loss_rows, args.figures / "fidelity_regime.png", "evaluated")
-        command = shlex.join(["python", "-m", "experiments.fidelity_report", *argv])
-        section = render(rows, command, args.figures, args.out)
-        print(section)
-        if args.out is not None:
-            write_section(args.out, SECTION, section)
-    except SectionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.status
-    return 0
+    command = shlex.join(["python", "-m", "experiments.fidelity_report", *argv])
+    return publish(args.out, SECTION, lambda: report(args.dirs, args.figures, args.out, command))
+
+
+def report(dirs: Sequence[Path], figures: Path, out: Path | None, command: str) -> str:
+    """Read the runs under ``dirs``, draw the figures into ``figures``, render the section."""
+    rows = load_runs(dirs)
+    if not rows:
+        raise SectionError(
+            f"no fidelity.json under {', '.join(map(str, dirs))}. Fix: run "
+            "`python -m experiments.run -m experiment=fidelity ...` first",
+            status=2,
+        )
+    figures.mkdir(parents=True, exist_ok=True)
+    loss_rows = select(rows, behavior=BEHAVIOR)
+    plot_cost(loss_rows, figures / "fidelity_cost.png")
+    plot_regime(loss_rows, figures / "fidelity_regime.png", "evaluated")
+    return render(rows, command, figures, out)
 
 
 def _estimators(rows: Sequence[Row]) -> list[str]:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import platform
 import shutil
+import sys
 import tempfile
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -72,6 +74,23 @@ def write_section(path: Path, name: str, section: str) -> None:
     if path.exists():
         shutil.copymode(path, tmp.name)
     os.replace(tmp.name, path)
+
+
+def publish(out: Path | None, name: str, make: Callable[[], str]) -> int:
+    """Make section ``name`` (``make`` may raise ``SectionError``), print it and, with ``out``,
+    write it between that file's markers, refusing a file without them before any work.
+    Returns the exit status: 0, or the error's."""
+    try:
+        if out is not None:
+            check_out(out, name)
+        section = make()
+        print(section)
+        if out is not None:
+            write_section(out, name, section)
+    except SectionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.status
+    return 0
 
 
 def machine() -> str:

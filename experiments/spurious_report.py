@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments.sections import SectionError, check_out, provenance, write_section
+from experiments.sections import SectionError, provenance, publish
 
 SECTION = "spurious"
 INTERVENTIONS = ("undo", "skip", "filter")
@@ -121,25 +121,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--section", default=SECTION, help="name of the marked section")
     parser.add_argument("--title", default="Shortcut removal", help="the section's heading")
     args = parser.parse_args(argv)
-    try:
-        if args.out is not None:
-            check_out(args.out, args.section)
-        reports = load_reports(args.dirs)
-        if not reports:
-            raise SectionError(
-                f"no report.json under {', '.join(map(str, args.dirs))}. Fix: run "
-                "`python -m experiments.run -m experiment=spurious_image seed=0,1,2,3,4` first",
-                status=2,
-            )
-        command = shlex.join(["python", "-m", "experiments.spurious_report", *argv])
-        section = render(reports, command, args.title)
-        print(section)
-        if args.out is not None:
-            write_section(args.out, args.section, section)
-    except SectionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.status
-    return 0
+    command = shlex.join(["python", "-m", "experiments.spurious_report", *argv])
+    return publish(args.out, args.section, lambda: report(args.dirs, command, args.title))
+
+
+def report(dirs: Sequence[Path], command: str, title: str) -> str:
+    """Read the runs under ``dirs`` and render the section."""
+    reports = load_reports(dirs)
+    if not reports:
+        raise SectionError(
+            f"no report.json under {', '.join(map(str, dirs))}. Fix: run "
+            "`python -m experiments.run -m experiment=spurious_image seed=0,1,2,3,4` first",
+            status=2,
+        )
+    return render(reports, command, title)
 
 
 def _has(report: Mapping[str, Any], intervention: str, choice: str) -> bool:
