@@ -1,17 +1,18 @@
 """Stage embeddings without retraining: from a trajectory to per-stage parameter offsets.
 
-``ESTIMATORS`` maps each estimator's name to its class (DESIGN.md section 2); ``stored_embeddings``
-computes an estimator's embeddings once per recording and setting, and reuses them.
+The estimator layer sits on the record (``attribution.record``) and below the analysis
+(``docs/design.md``). ``registry`` owns the names (``build("e4:2")``), settings and evidence;
+``stored_embeddings`` computes an estimator's embeddings once per recording and setting, and
+reuses them. What each estimator computes: ``docs/estimators.md``.
 """
 
-from estimators.base import EVIDENCE, Estimator, StageEmbeddings, stored_embeddings
+from estimators.base import EVIDENCE, Arguments, Estimator, StageEmbeddings, stored_embeddings
 from estimators.e0 import E0
 from estimators.e1 import E1
 from estimators.e2 import E2
-from estimators.e3 import E3
-from estimators.e4 import E4
-
-ESTIMATORS: dict[str, type[Estimator]] = {"e0": E0, "e1": E1, "e2": E2, "e3": E3, "e4": E4}
+from estimators.e3 import E3, E3Arguments
+from estimators.e4 import E4, E4Arguments
+from estimators.registry import ESTIMATORS, build, build_all, check_evidence
 
 __all__ = [
     "E0",
@@ -21,7 +22,13 @@ __all__ = [
     "E4",
     "ESTIMATORS",
     "EVIDENCE",
+    "Arguments",
+    "E3Arguments",
+    "E4Arguments",
     "Estimator",
     "StageEmbeddings",
+    "build",
+    "build_all",
+    "check_evidence",
     "stored_embeddings",
 ]

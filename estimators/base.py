@@ -2,7 +2,7 @@
 
 A stage embedding ``SE_k`` is a parameter-shaped dict estimating ``theta_T^(-k) - theta_T``, the
 change of the final parameters had stage k never run. It does not depend on any behaviour, so it
-is computed once and scored against any number of behaviours (see ``attribution.readout``).
+is computed once and scored against any number of behaviours (see ``attribution.analysis.readout``).
 Parameters missing from an embedding have offset 0.
 """
 
@@ -12,16 +12,17 @@ import hashlib
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
 
-from attribution import SIGN_CONVENTION
-from attribution.artifacts import load_artifact, save_artifact
-from attribution.counterfactual import check_skippable
-from attribution.entry import matching_modules
-from attribution.trajectory import Trajectory
+from attribution.record import SIGN_CONVENTION
+from attribution.record.artifacts import load_artifact, save_artifact
+from attribution.record.counterfactual import check_skippable
+from attribution.record.entry import matching_modules
+from attribution.record.errors import SpecError
+from attribution.record.trajectory import Trajectory
 
 Offsets = dict[str, torch.Tensor]
 
@@ -50,17 +51,63 @@ class StageEmbeddings:
     sign_convention: str = SIGN_CONVENTION
 
 
+@dataclass(frozen=True)
+class Arguments:
+    """An estimator's settings: a frozen dataclass whose fields are the settings that change its
+    result. Stored beside the embeddings they produced (they key them), so a stored result is
+    never reused under other settings. Subclasses check their values in ``__post_init__`` and
+    raise ``SpecError`` naming the setting."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def changed(self) -> dict[str, Any]:
+        """The settings that differ from the defaults."""
+        defaults = type(self)().to_dict()
+        return {k: v for k, v in self.to_dict().items() if defaults[k] != v}
+
+
 class Estimator:
-    """Declare ``name`` and ``requires`` (keys of ``EVIDENCE``); implement ``offsets``. Raise
-    ``version`` when a change of the code changes the estimates, so stored ones are not reused."""
+    """One estimator over one trajectory. Declare ``name``, ``requires`` (keys of
+    ``EVIDENCE``) and ``Settings`` (its ``Arguments``); implement ``offsets``. Raise
+    ``version`` when a change of the code changes the estimates, so stored ones are not reused.
+    ``shorthand`` names the one setting written after a colon (``e4:2``: E4 with stride 2)."""
 
     name: ClassVar[str]
     requires: ClassVar[frozenset[str]]
+    Settings: ClassVar[type[Arguments]] = Arguments
+    shorthand: ClassVar[str | None] = None
     version: ClassVar[int] = 1
+
+    def __init__(self, **settings: Any) -> None:
+        known = [f.name for f in fields(self.Settings)]
+        unknown = sorted(set(settings) - set(known))
+        if unknown:
+            takes = f"its settings are {', '.join(known)}" if known else "it takes no settings"
+            raise SpecError(
+                f"{self.name}.{unknown[0]}",
+                f"{self.name} has no setting {unknown[0]!r}",
+                f"drop it ({takes})",
+            )
+        self.arguments = self.Settings(**settings)
 
     def settings(self) -> dict[str, Any]:
         """The settings that change the result (they key stored artifacts)."""
-        return {}
+        return self.arguments.to_dict()
+
+    @property
+    def label(self) -> str:
+        """The name a result is reported under: ``e4:2``, or ``e3(rank=5, sample=128)`` with the
+        settings that differ from the defaults, so runs with other settings stay apart."""
+        changed = self.arguments.changed()
+        if self.shorthand is not None:
+            head = f"{self.name}:{self.settings()[self.shorthand]}"
+            changed.pop(self.shorthand, None)
+        else:
+            head = self.name
+        if not changed:
+            return head
+        return f"{head}({', '.join(f'{k}={v}' for k, v in sorted(changed.items()))})"
 
     def offsets(self, traj: Trajectory, counts: dict[str, int]) -> dict[str, Offsets]:
         raise NotImplementedError

@@ -5,7 +5,7 @@ Exact for the last stage (its evaluated read-out is the true effect); a baseline
 
 from __future__ import annotations
 
-from attribution.trajectory import Trajectory
+from attribution.record.trajectory import Trajectory
 from estimators.base import Estimator, Offsets, final_parameter_names, stage_displacement
 
 

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from attribution.optim import OptimizerState
-from attribution.trajectory import StageRecord, Trajectory
+from attribution.record.errors import TrajectoryError
+from attribution.record.optim import OptimizerState
+from attribution.record.trajectory import StageRecord, Trajectory
 from estimators.base import (
     Estimator,
     Offsets,
@@ -160,9 +161,11 @@ def _adam(
 ) -> torch.Tensor:
     """Coupled-decay Adam with the preconditioner fixed at the stage's final second moment."""
     if "exp_avg_sq" not in end:
-        raise ValueError(
-            f"stage {record.name!r}: no recorded second moment for {name}; E1 "
-            "needs the optimizer state at the stage end (use E2)"
+        raise TrajectoryError(
+            f"stage {record.name}",
+            f"no recorded second moment for {name}, which E1 needs",
+            "record the optimizer state at the stage end, or use E2",
+            field="optimizer_state.end",
         )
     (beta1, beta2), eps, lam = hyper["betas"], hyper["eps"], hyper["weight_decay"]
     step0 = float(start["step"]) if "step" in start else 0.0

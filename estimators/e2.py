@@ -27,9 +27,9 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
-from attribution.pipeline import carried_state, reinitialise
-from attribution.references import load_dataset, loss_function
-from attribution.trajectory import StageRecord, StepLog, Trajectory
+from attribution.record.pipeline import carried_state, reinitialise
+from attribution.record.references import load_dataset, loss_function
+from attribution.record.trajectory import StageRecord, StepLog, Trajectory
 from estimators.base import (
     EVIDENCE,
     Estimator,

@@ -47,15 +47,49 @@ from typing import Any
 
 import torch
 
-from attribution.errors import SpecError, StagetraceError
-from attribution.references import load_dataset, loss_function
-from attribution.trajectory import StageRecord, Trajectory
-from estimators.base import Estimator, Offsets, final_parameter_names, stage_displacement
+from attribution.record.errors import SpecError, StagetraceError
+from attribution.record.references import load_dataset, loss_function
+from attribution.record.trajectory import StageRecord, Trajectory
+from estimators.base import (
+    Arguments,
+    Estimator,
+    Offsets,
+    final_parameter_names,
+    stage_displacement,
+)
 from estimators.curvature import CURVATURES, Operator, curvature_product, lanczos
 from estimators.e1 import LaterStage, handed_buffers
 from estimators.e2 import TrainingStart
 
 POINTS = ("start", "end", "both")
+
+
+@dataclass(frozen=True)
+class E3Arguments(Arguments):
+    """``rank``: eigenpairs per later stage (0 gives E1); ``sample``: training examples the
+    curvature is averaged over; ``at``: the checkpoint(s) it is taken at (start, end, both);
+    ``curvature``: ``hessian`` or ``gauss_newton``; ``seed``: of the sample and of Lanczos."""
+
+    rank: int = 20
+    sample: int = 512
+    at: str = "both"
+    curvature: str = "hessian"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_int("rank", self.rank, 0, "give the number of eigenpairs, e.g. 20 (0 gives E1)")
+        _check_int("sample", self.sample, 1, "give how many training examples to sample, e.g. 512")
+        _check_int("seed", self.seed, None, "give an integer seed, e.g. 0")
+        if self.at not in POINTS:
+            raise SpecError(
+                "e3.at", f"unknown point {self.at!r}", f"use one of {', '.join(POINTS)}"
+            )
+        if self.curvature not in CURVATURES:
+            raise SpecError(
+                "e3.curvature",
+                f"unknown curvature {self.curvature!r}",
+                f"use one of {', '.join(CURVATURES)}",
+            )
 
 
 class E3(Estimator):
@@ -72,37 +106,7 @@ class E3(Estimator):
             "stage_data",
         }
     )
-
-    def __init__(
-        self,
-        rank: int = 20,
-        sample: int = 512,
-        at: str = "both",
-        curvature: str = "hessian",
-        seed: int = 0,
-    ) -> None:
-        _check_int("rank", rank, 0, "give the number of eigenpairs, e.g. 20 (0 gives E1)")
-        _check_int("sample", sample, 1, "give how many training examples to sample, e.g. 512")
-        _check_int("seed", seed, None, "give an integer seed, e.g. 0")
-        if at not in POINTS:
-            raise SpecError("e3.at", f"unknown point {at!r}", f"use one of {', '.join(POINTS)}")
-        if curvature not in CURVATURES:
-            raise SpecError(
-                "e3.curvature",
-                f"unknown curvature {curvature!r}",
-                f"use one of {', '.join(CURVATURES)}",
-            )
-        self.rank, self.sample, self.at = rank, sample, at
-        self.curvature, self.seed = curvature, seed
-
-    def settings(self) -> dict[str, Any]:
-        return {
-            "rank": self.rank,
-            "sample": self.sample,
-            "at": self.at,
-            "curvature": self.curvature,
-            "seed": self.seed,
-        }
+    Settings = E3Arguments
 
     def offsets(self, traj: Trajectory, counts: dict[str, int]) -> dict[str, Offsets]:
         names = final_parameter_names(traj)
@@ -115,7 +119,7 @@ class E3(Estimator):
                 handed_buffers(traj, k),
             )
             optimizer = LaterStage.of(traj, j)
-            curvature = StageCurvature.of(traj, j, self, counts)
+            curvature = StageCurvature.of(traj, j, self.arguments, counts)
             for stage, (offset, buffers) in carried.items():
                 offset, buffers = optimizer.carry(offset, buffers)
                 carried[stage] = (curvature.carry(offset, counts), buffers)
@@ -151,7 +155,9 @@ class StageCurvature:
     vectors: torch.Tensor  # their eigenvectors [dim, r]
 
     @classmethod
-    def of(cls, traj: Trajectory, j: int, settings: E3, counts: dict[str, int]) -> StageCurvature:
+    def of(
+        cls, traj: Trajectory, j: int, settings: E3Arguments, counts: dict[str, int]
+    ) -> StageCurvature:
         """Read stage j's checkpoints, sample and step mass, and find A's top eigenpairs."""
         start = TrainingStart.of(traj, j)
         record, model = start.record, start.model

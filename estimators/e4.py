@@ -23,27 +23,47 @@ that diverges is reported with the advice to lower the stride.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
-from attribution.counterfactual import retrain_after
-from attribution.errors import StagetraceError, TrainingError
-from attribution.trajectory import ParamGroup, StageRecord, StepLog, Trajectory
-from estimators.base import EVIDENCE, Estimator, Offsets, final_parameter_names, stage_displacement
+from attribution.record.counterfactual import retrain_after
+from attribution.record.errors import SpecError, StagetraceError, TrainingError
+from attribution.record.trajectory import ParamGroup, StageRecord, StepLog, Trajectory
+from estimators.base import (
+    EVIDENCE,
+    Arguments,
+    Estimator,
+    Offsets,
+    final_parameter_names,
+    stage_displacement,
+)
+
+
+@dataclass(frozen=True)
+class E4Arguments(Arguments):
+    """``stride``: replay every stride-th recorded batch (1 is the truth; cost ~ 2 / stride)."""
+
+    stride: int = 4
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.stride, int) or isinstance(self.stride, bool) or self.stride < 1:
+            raise SpecError(
+                "e4.stride",
+                f"expected a positive integer, got {self.stride!r}",
+                "give a stride such as 2 (e4:2)",
+            )
 
 
 class E4(Estimator):
     name = "e4"
     requires = frozenset(EVIDENCE)
+    Settings = E4Arguments
+    shorthand = "stride"
 
-    def __init__(self, stride: int = 4) -> None:
-        if not isinstance(stride, int) or stride < 1:
-            raise ValueError(f"E4 stride must be a positive integer, got {stride!r}")
-        self.stride = stride
-
-    def settings(self) -> dict[str, Any]:
-        return {"stride": self.stride}
+    @property
+    def stride(self) -> int:
+        return self.arguments.stride
 
     def offsets(self, traj: Trajectory, counts: dict[str, int]) -> dict[str, Offsets]:
         names = final_parameter_names(traj)

@@ -3,7 +3,8 @@
 E2 (DESIGN.md section 2) carries a parameter offset through later stages with the Jacobian of the
 training step. ``StepRule.step`` re-implements the single-tensor (CPU default) update of each
 recorded optimizer (``sgd``, ``sgdw``, ``adam``, ``adamw``) with the same operations in the same
-order, so its numbers equal ``torch.optim`` (``attribution.optim.SGDW`` for ``sgdw``) to round-off.
+order, so its numbers equal ``torch.optim`` (``attribution.record.optim.SGDW`` for ``sgdw``)
+to round-off.
 It never modifies its inputs, calls ``.item()``/``.detach()`` or branches on tensor values, so
 ``torch.func.jvp``/``vjp``/``vmap`` work through it with respect to parameters, optimizer state
 and gradients (forward-over-reverse included: the gradients may come from ``torch.func.grad``).
@@ -42,8 +43,8 @@ from typing import Any
 
 import torch
 
-from attribution.optim import HYPERPARAMETERS
-from attribution.trajectory import StageRecord, StepLog
+from attribution.record.optim import HYPERPARAMETERS
+from attribution.record.trajectory import StageRecord, StepLog
 
 Params = dict[str, torch.Tensor]
 State = dict[str, dict[str, torch.Tensor]]
@@ -56,7 +57,8 @@ class StepRule:
     """One optimizer's update rule with per-parameter hyperparameters (from the recorded groups).
 
     ``hyper`` maps each trained parameter name to the hyperparameters of its group, keyed as in
-    ``attribution.optim.HYPERPARAMETERS[kind]`` (no ``lr``: learning rates are given per step).
+    ``attribution.record.optim.HYPERPARAMETERS[kind]`` (no ``lr``: learning rates are given per
+    step).
     """
 
     kind: str

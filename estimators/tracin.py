@@ -29,11 +29,11 @@ import torch
 from torch import Tensor, nn
 from torch.func import jvp
 
-from attribution.behaviors import per_example
-from attribution.errors import StagetraceError
-from attribution.pipeline import fetch_batch, reinitialise
-from attribution.references import load_dataset, loss_function
-from attribution.trajectory import StageRecord, StepLog, Trajectory, load_state
+from attribution.record.errors import StagetraceError
+from attribution.record.evaluation import per_example
+from attribution.record.pipeline import fetch_batch, reinitialise
+from attribution.record.references import load_dataset, loss_function
+from attribution.record.trajectory import StageRecord, StepLog, Trajectory, load_state
 
 
 @dataclass(frozen=True)

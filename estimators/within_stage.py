@@ -40,10 +40,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call, grad, jvp, vjp
 
-from attribution.errors import StagetraceError, TrajectoryError
-from attribution.pipeline import fetch_batch
-from attribution.references import load_dataset, loss_function
-from attribution.trajectory import StageRecord, StepLog, Trajectory
+from attribution.record.errors import StagetraceError, TrajectoryError
+from attribution.record.pipeline import fetch_batch
+from attribution.record.references import load_dataset, loss_function
+from attribution.record.trajectory import StageRecord, StepLog, Trajectory
 from estimators.base import final_parameter_names
 from estimators.e2 import TrainingStart, across_entry
 from estimators.functional import Params, State, step_lrs
@@ -80,7 +80,7 @@ PER_EXAMPLE: dict[str, PerExampleLoss] = {
     "mse": _per_example_mse,
     "binary_cross_entropy_with_logits": _per_example_bce,
 }
-"""Per-example forms of the named losses of ``attribution.references.LOSSES``."""
+"""Per-example forms of the named losses of ``attribution.record.references.LOSSES``."""
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from attribution.recorder import Recorder
-from attribution.references import Ref
-from attribution.trajectory import Trajectory
+from attribution.record.recorder import Recorder
+from attribution.record.references import Ref
+from attribution.record.trajectory import Trajectory
 
 
 def train(root: Path | None, steps: int = 100) -> Trajectory:

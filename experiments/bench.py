@@ -40,13 +40,13 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
-from attribution.behaviors import per_example
-from attribution.counterfactual import check_skippable, retrain_after
-from attribution.pipeline import run_pipeline
-from attribution.readout import evaluated_effects, linear_effects
-from attribution.references import load_dataset
-from attribution.spec import PipelineSpec
-from attribution.trajectory import MANIFEST, Trajectory
+from attribution.analysis.readout import evaluated_effects, linear_effects
+from attribution.record.counterfactual import check_skippable, retrain_after
+from attribution.record.evaluation import per_example
+from attribution.record.pipeline import run_pipeline
+from attribution.record.references import load_dataset
+from attribution.record.spec import PipelineSpec
+from attribution.record.trajectory import MANIFEST, Trajectory
 from estimators import E0, E1, E2, E3, E4
 from experiments.data import mnist
 from experiments.sections import SectionError, provenance, publish
@@ -81,8 +81,8 @@ METHODS: dict[str, Callable[[Trajectory], Any]] = {
     "e2": E2().embed,
     "e3": E3().embed,
     "e3 (rank 5, 128 examples, end)": E3(rank=5, sample=128, at="end").embed,
-    "e4:2": E4(2).embed,
-    "e4:4": E4(4).embed,
+    "e4:2": E4(stride=2).embed,
+    "e4:4": E4(stride=4).embed,
 }
 """What table (i) measures, by the name it shows; ``embed``, never ``stored_embeddings``."""
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from attribution.errors import SpecError, StagetraceError
+from attribution.record.errors import SpecError, StagetraceError
 from experiments.data.files import read_images, stamped
 from experiments.data.shortcuts import window
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from attribution.errors import SpecError, StagetraceError
+from attribution.record.errors import SpecError, StagetraceError
 
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 # Mean and std of the 60,000 training images' pixels scaled to [0, 1] (the values in common use).

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from attribution.errors import SpecError, StagetraceError
+from attribution.record.errors import SpecError, StagetraceError
 
 
 def stamped(path: Path, release: str) -> tuple[str, int, int]:

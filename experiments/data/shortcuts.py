@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
-from attribution.errors import SpecError
+from attribution.record.errors import SpecError
 from experiments.data import fashion, mnist
 
 SPLITS = ("train", "test")

@@ -22,15 +22,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from attribution import SIGN_CONVENTION
-from attribution.audit import fidelity_rows, validate
-from attribution.behaviors import Behavior
-from attribution.errors import StagetraceError
-from attribution.pipeline import run_pipeline
-from attribution.trajectory import Trajectory
-from estimators import ESTIMATORS
+from attribution.analysis.audit import fidelity_rows, validate
+from attribution.analysis.behaviors import Behavior
+from attribution.record import SIGN_CONVENTION
+from attribution.record.errors import StagetraceError
+from attribution.record.pipeline import run_pipeline
+from attribution.record.trajectory import Trajectory
+from estimators import build_all
 from estimators.base import final_parameter_names, stage_displacement
 from estimators.tracin import tracin_effects
 from experiments.tasks.setup import Task
@@ -53,9 +53,9 @@ COLUMNS = (
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Record, retrain without each stage, score every estimator; write the run's results."""
-    unknown = [e for e in cfg.estimators if e.partition(":")[0] not in ESTIMATORS]
-    if unknown:
-        raise ValueError(f"unknown estimators {unknown}. Fix: use {', '.join(ESTIMATORS)}")
+    estimators = build_all(
+        list(cfg.estimators), OmegaConf.to_container(cfg.get("settings") or {}, resolve=True)
+    )
     task = Task.prepare(cfg, run_dir)
     config, behaviors, logger = task.config, task.behaviors, task.logger
     traj = run_pipeline(task.spec, run_dir / "trajectory", task.progress())
@@ -70,14 +70,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 config["readouts"],
                 behaviors,
                 batch_size,
-                config.get("settings") or {},
+                {estimator.partition(":")[0]: estimators[estimator].settings()},
                 keep_effects=True,
             )
         except StagetraceError as exc:  # e.g. a coarse replay that diverged: report, go on
             log.warning("%s failed: %s", estimator, exc)
             failures[estimator] = str(exc)
             continue
-        name = label(estimator, (config.get("settings") or {}).get(estimator.partition(":")[0]))
+        name = estimators[estimator].label
         rows += [{**row, "estimator": name} for row in result["rows"]]
         effects.update({k.replace(estimator, name, 1): v for k, v in result["effects"].items()})
         truth_seconds = result["ground_truth_seconds"]
@@ -110,19 +110,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     )
     logger.finish()
     return out
-
-
-def label(estimator: str, settings: Mapping[str, Any] | None) -> str:
-    """The estimator's name, with the settings that differ from its defaults, e.g.
-    ``e3(at=end, rank=5)``, so that runs with other settings stay apart in the report."""
-    base = estimator.partition(":")[0]
-    if not settings or ":" in estimator:
-        return estimator
-    defaults = ESTIMATORS[base]().settings()
-    changed = {k: v for k, v in ESTIMATORS[base](**settings).settings().items() if defaults[k] != v}
-    if not changed:
-        return estimator
-    return f"{estimator}({', '.join(f'{k}={v}' for k, v in sorted(changed.items()))})"
 
 
 def baseline_rows(

@@ -11,10 +11,10 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from attribution.audit import BEHAVIORS_FILE
-from attribution.behaviors import Behavior
-from attribution.pipeline import StepCallback
-from attribution.spec import PipelineSpec
+from attribution.analysis.audit import BEHAVIORS_FILE
+from attribution.analysis.behaviors import Behavior
+from attribution.record.pipeline import StepCallback
+from attribution.record.spec import PipelineSpec
 from experiments.logger import NullLogger, WandbLogger, make_logger
 
 log = logging.getLogger(__name__)

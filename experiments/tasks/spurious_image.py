@@ -36,10 +36,8 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from attribution import SIGN_CONVENTION
-from attribution.audit import audit, estimator_for, final_model
-from attribution.behaviors import per_example
-from attribution.interventions import (
+from attribution.analysis.audit import audit, estimator_for, final_model
+from attribution.analysis.interventions import (
     Intervention,
     filter_and_rerun,
     most_harmful,
@@ -47,9 +45,11 @@ from attribution.interventions import (
     skip,
     undo,
 )
-from attribution.pipeline import run_pipeline
-from attribution.references import Ref, load_dataset
-from attribution.trajectory import Trajectory
+from attribution.record import SIGN_CONVENTION
+from attribution.record.evaluation import per_example
+from attribution.record.pipeline import run_pipeline
+from attribution.record.references import Ref, load_dataset
+from attribution.record.trajectory import Trajectory
 from estimators import StageEmbeddings, stored_embeddings
 from estimators.within_stage import example_scores
 from experiments.data import mnist
@@ -74,7 +74,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     )
 
     log.info("[2/4] audit with %s (%s read-out)", settings["estimator"], settings["readout"])
-    estimator = estimator_for(settings["estimator"], traj, config.get("settings", {}).get("e3"))
+    estimator = estimator_for(
+        settings["estimator"],
+        traj,
+        (config.get("settings") or {}).get(settings["estimator"].partition(":")[0]),
+    )
     embeddings, _ = stored_embeddings(estimator, traj)
     audited = audit(traj, settings["estimator"], behaviors, settings["readout"])
     estimated = {

@@ -15,11 +15,11 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from attribution import SIGN_CONVENTION
-from attribution.counterfactual import as_model, skip_stage
-from attribution.pipeline import run_pipeline
-from attribution.references import Ref, load_dataset
-from attribution.trajectory import Trajectory
+from attribution.record import SIGN_CONVENTION
+from attribution.record.counterfactual import as_model, skip_stage
+from attribution.record.pipeline import run_pipeline
+from attribution.record.references import Ref, load_dataset
+from attribution.record.trajectory import Trajectory
 from experiments.evaluation import Metrics, evaluate
 from experiments.tasks.setup import Task
 

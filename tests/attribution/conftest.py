@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from attribution.pipeline import run_pipeline
-from attribution.spec import PipelineSpec
+from attribution.record.pipeline import run_pipeline
+from attribution.record.spec import PipelineSpec
 from tests.attribution import tiny
 
 _LORA = [{"kind": "add_lora", "modules": ["fc1"], "rank": 2}]

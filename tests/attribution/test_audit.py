@@ -20,14 +20,14 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch.utils.data import TensorDataset
 
-from attribution import SIGN_CONVENTION
-from attribution.audit import audit, load_behaviors, validate
-from attribution.cli import fidelity_table
-from attribution.counterfactual import as_model, skip_stage
-from attribution.errors import SpecError, StagetraceError
-from attribution.recorder import Recorder
-from attribution.references import Ref
-from attribution.trajectory import Trajectory
+from attribution.analysis.audit import audit, load_behaviors, validate
+from attribution.analysis.cli import fidelity_table
+from attribution.record import SIGN_CONVENTION
+from attribution.record.counterfactual import as_model, skip_stage
+from attribution.record.errors import SpecError, StagetraceError
+from attribution.record.recorder import Recorder
+from attribution.record.references import Ref
+from attribution.record.trajectory import Trajectory
 from estimators import EVIDENCE
 from experiments.data import mnist
 from tests.attribution.test_bad_inputs import (

@@ -15,18 +15,18 @@ import pytest
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from attribution.cli import main
-from attribution.counterfactual import skip_stage
-from attribution.errors import (
+from attribution.analysis.cli import main
+from attribution.record.counterfactual import skip_stage
+from attribution.record.errors import (
     SpecError,
     StagetraceError,
     TrainingError,
     TrajectoryError,
     UnknownStageError,
 )
-from attribution.pipeline import run_pipeline
-from attribution.spec import PipelineSpec
-from attribution.trajectory import Trajectory
+from attribution.record.pipeline import run_pipeline
+from attribution.record.spec import PipelineSpec
+from attribution.record.trajectory import Trajectory
 
 PRETRAIN_END = "stages/00-pretrain/end.safetensors"
 FINETUNE_END = "stages/01-finetune/end.safetensors"

@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from attribution.behaviors import Behavior, per_example
-from attribution.errors import SpecError, StagetraceError
-from attribution.references import Ref
+from attribution.analysis.behaviors import Behavior
+from attribution.record.errors import SpecError, StagetraceError
+from attribution.record.evaluation import per_example
+from attribution.record.references import Ref
 from experiments.models import MLP
 
 DATA = Ref("experiments.data:mnist", {"split": "test", "stop": 20})

@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from attribution.cli import main
-from attribution.store import DiskStore
-from attribution.trajectory import Trajectory
+from attribution.analysis.cli import main
+from attribution.record.store import DiskStore
+from attribution.record.trajectory import Trajectory
 
 REPO = Path(__file__).resolve().parents[2]
 STAGE_NAMES = ("pretrain", "finetune", "adapt")
@@ -124,7 +124,7 @@ def test_a_directory_without_a_run_is_bad_input(tmp_path, capsys):
 
 def test_module_entry_point_replays_and_verifies(recorded_run):
     done = subprocess.run(
-        [sys.executable, "-m", "attribution.cli", "replay", str(recorded_run), "--verify"],
+        [sys.executable, "-m", "attribution.analysis.cli", "replay", str(recorded_run), "--verify"],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from attribution.counterfactual import skip_stage
-from attribution.errors import SpecError, StagetraceError, TrajectoryError
-from attribution.pipeline import replay, run_pipeline
-from attribution.spec import PipelineSpec
-from attribution.trajectory import Trajectory
+from attribution.record.counterfactual import skip_stage
+from attribution.record.errors import SpecError, StagetraceError, TrajectoryError
+from attribution.record.pipeline import replay, run_pipeline
+from attribution.record.spec import PipelineSpec
+from attribution.record.trajectory import Trajectory
 from experiments.data import mnist
 from experiments.models import MLP
 from tests.attribution import tiny

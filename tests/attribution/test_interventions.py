@@ -6,12 +6,18 @@ import torch
 from torch.func import functional_call
 from torch.utils.data import TensorDataset
 
-from attribution.counterfactual import retrain_after
-from attribution.errors import SpecError, StagetraceError, UnknownStageError
-from attribution.interventions import filter_and_rerun, most_harmful, random_drop, skip, undo
-from attribution.pipeline import reinitialise, run_pipeline
-from attribution.spec import PipelineSpec
-from attribution.trajectory import snapshot
+from attribution.analysis.interventions import (
+    filter_and_rerun,
+    most_harmful,
+    random_drop,
+    skip,
+    undo,
+)
+from attribution.record.counterfactual import retrain_after
+from attribution.record.errors import SpecError, StagetraceError, UnknownStageError
+from attribution.record.pipeline import reinitialise, run_pipeline
+from attribution.record.spec import PipelineSpec
+from attribution.record.trajectory import snapshot
 from estimators.e0 import E0
 from estimators.within_stage import ExampleScores, example_scores
 from tests.attribution import tiny

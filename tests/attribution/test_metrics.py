@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from attribution import metrics
+from attribution.analysis import metrics
 
 
 def rng(seed: int = 0) -> np.random.Generator:

@@ -2,7 +2,7 @@
 
 import torch
 
-from attribution.optim import (
+from attribution.record.optim import (
     SGDW,
     build_optimizer,
     group_hyperparameters,

@@ -10,12 +10,18 @@ import copy
 import pytest
 import torch
 
-from attribution.counterfactual import skip_stage
-from attribution.errors import StagetraceError
-from attribution.pipeline import max_abs_diff, reinitialise, replay, run_pipeline, sample_batches
-from attribution.references import load_dataset
-from attribution.spec import PipelineSpec
-from attribution.trajectory import Trajectory
+from attribution.record.counterfactual import skip_stage
+from attribution.record.errors import StagetraceError
+from attribution.record.pipeline import (
+    max_abs_diff,
+    reinitialise,
+    replay,
+    run_pipeline,
+    sample_batches,
+)
+from attribution.record.references import load_dataset
+from attribution.record.spec import PipelineSpec
+from attribution.record.trajectory import Trajectory
 from experiments.models import MLP
 from tests.attribution import tiny
 

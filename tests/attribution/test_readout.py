@@ -8,13 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attribution.behaviors import Behavior
-from attribution.counterfactual import as_model, skip_stage
-from attribution.errors import StagetraceError
-from attribution.pipeline import run_pipeline
-from attribution.readout import behaviour_effects, evaluated_effects, linear_effects
-from attribution.references import Ref
-from attribution.spec import PipelineSpec
+from attribution.analysis.behaviors import Behavior
+from attribution.analysis.readout import behaviour_effects, evaluated_effects, linear_effects
+from attribution.record.counterfactual import as_model, skip_stage
+from attribution.record.errors import StagetraceError
+from attribution.record.pipeline import run_pipeline
+from attribution.record.references import Ref
+from attribution.record.spec import PipelineSpec
 from experiments.data import mnist
 from experiments.models import MLP
 from tests.attribution import tiny

@@ -6,12 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from attribution.counterfactual import skip_stage
-from attribution.errors import StagetraceError
-from attribution.pipeline import replay
-from attribution.recorder import Recorder
-from attribution.references import Ref
-from attribution.trajectory import Trajectory
+from attribution.record.counterfactual import skip_stage
+from attribution.record.errors import StagetraceError
+from attribution.record.pipeline import replay
+from attribution.record.recorder import Recorder
+from attribution.record.references import Ref
+from attribution.record.trajectory import Trajectory
 
 MODEL = Ref("experiments.models:MLP", {"hidden": [8]})
 DATA = Ref("experiments.data:mnist", {"stop": 200})

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from attribution.errors import SpecError
-from attribution.schedules import ScheduleSpec
+from attribution.record.errors import SpecError
+from attribution.record.schedules import ScheduleSpec
 
 
 def torch_rates(make_scheduler, steps: int, lr: float = 1.0) -> list[float]:

@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-from attribution import SIGN_CONVENTION
-from attribution.errors import SpecError, TrajectoryError
-from attribution.pipeline import run_pipeline
-from attribution.spec import PipelineSpec
-from attribution.trajectory import SCHEMA_VERSION, StageRecord, Trajectory
+from attribution.record import SIGN_CONVENTION
+from attribution.record.errors import SpecError, TrajectoryError
+from attribution.record.pipeline import run_pipeline
+from attribution.record.spec import PipelineSpec
+from attribution.record.trajectory import SCHEMA_VERSION, StageRecord, Trajectory
 from tests.attribution import tiny
 
 

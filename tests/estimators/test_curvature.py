@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
-from attribution.errors import StagetraceError
+from attribution.record.errors import StagetraceError
 from estimators.curvature import (
     curvature_product,
     gauss_newton_product,

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from attribution.counterfactual import skip_stage
-from attribution.pipeline import run_pipeline
-from attribution.spec import PipelineSpec
+from attribution.record.counterfactual import skip_stage
+from attribution.record.pipeline import run_pipeline
+from attribution.record.spec import PipelineSpec
 from estimators.e0 import E0
 from estimators.e1 import E1
 from tests.attribution import tiny

@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from attribution.counterfactual import retrain_after, skip_stage
-from attribution.pipeline import run_pipeline
-from attribution.spec import PipelineSpec
+from attribution.record.counterfactual import retrain_after, skip_stage
+from attribution.record.pipeline import run_pipeline
+from attribution.record.spec import PipelineSpec
 from estimators.e0 import E0
 from estimators.e1 import E1
 from estimators.e2 import E2, adjoint_effects, handed_state

@@ -5,9 +5,9 @@ against skip-stage retraining as the learning rate shrinks, and against E0/E1 wh
 import pytest
 import torch
 
-from attribution.errors import SpecError
-from attribution.pipeline import run_pipeline
-from attribution.spec import PipelineSpec
+from attribution.record.errors import SpecError
+from attribution.record.pipeline import run_pipeline
+from attribution.record.spec import PipelineSpec
 from estimators import ESTIMATORS
 from estimators.e0 import E0
 from estimators.e1 import E1

@@ -1,6 +1,7 @@
 """The functional optimizer step, checked against independent truth.
 
-Truths used: ``torch.optim`` (via ``attribution.optim.build_optimizer``; ``SGDW`` for sgdw) on the
+Truths used: ``torch.optim`` (via ``attribution.record.optim.build_optimizer``; ``SGDW`` for sgdw)
+on the
 same parameters, gradients and learning rates; a recorded pipeline stage (its ``end`` checkpoint);
 and central finite differences for the jvp through the step.
 """
@@ -12,10 +13,15 @@ import torch
 from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.utils._pytree import tree_leaves, tree_map
 
-from attribution.optim import HYPERPARAMETERS, build_optimizer, load_state_by_name, state_by_name
-from attribution.pipeline import run_pipeline
-from attribution.references import load_dataset, loss_function
-from attribution.spec import PipelineSpec
+from attribution.record.optim import (
+    HYPERPARAMETERS,
+    build_optimizer,
+    load_state_by_name,
+    state_by_name,
+)
+from attribution.record.pipeline import run_pipeline
+from attribution.record.references import load_dataset, loss_function
+from attribution.record.spec import PipelineSpec
 from estimators.functional import StepRule, step_lrs
 from tests.attribution import tiny
 

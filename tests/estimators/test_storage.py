@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from attribution import SIGN_CONVENTION
-from attribution.errors import TrajectoryError
-from attribution.pipeline import run_pipeline
-from attribution.spec import PipelineSpec
-from attribution.trajectory import Trajectory
+from attribution.record import SIGN_CONVENTION
+from attribution.record.errors import TrajectoryError
+from attribution.record.pipeline import run_pipeline
+from attribution.record.spec import PipelineSpec
+from attribution.record.trajectory import Trajectory
 from estimators import E1, StageEmbeddings, stored_embeddings
 from tests.attribution import tiny
 from tests.attribution.test_bad_inputs import check_message, tree_bytes

@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from attribution.errors import StagetraceError
-from attribution.pipeline import run_pipeline
-from attribution.recorder import Recorder
-from attribution.references import Ref
-from attribution.spec import PipelineSpec
+from attribution.record.errors import StagetraceError
+from attribution.record.pipeline import run_pipeline
+from attribution.record.recorder import Recorder
+from attribution.record.references import Ref
+from attribution.record.spec import PipelineSpec
 from estimators.tracin import stage_tracin, tracin_effects
 from experiments.data import mnist
 from tests.attribution import tiny

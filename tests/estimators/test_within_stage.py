@@ -7,9 +7,9 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.data import TensorDataset
 
-from attribution.errors import StagetraceError, UnknownStageError
-from attribution.pipeline import add_adapters, reinitialise, run_pipeline
-from attribution.spec import PipelineSpec
+from attribution.record.errors import StagetraceError, UnknownStageError
+from attribution.record.pipeline import add_adapters, reinitialise, run_pipeline
+from attribution.record.spec import PipelineSpec
 from estimators.within_stage import example_scores, example_uses
 from tests.estimators import toy
 

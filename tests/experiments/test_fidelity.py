@@ -15,8 +15,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from attribution import SIGN_CONVENTION
-from attribution.trajectory import Trajectory
+from attribution.record import SIGN_CONVENTION
+from attribution.record.trajectory import Trajectory
 from experiments.fidelity_report import main as fidelity_report
 from experiments.sections import markers
 

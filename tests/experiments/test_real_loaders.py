@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from attribution.errors import SpecError, StagetraceError
+from attribution.record.errors import SpecError, StagetraceError
 from experiments.data import celeba, chest_xray, fashion_mnist, patch_mnist
 from experiments.data import fashion as fashion_module
 from experiments.data.fashion import read_idx

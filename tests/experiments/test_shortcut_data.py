@@ -5,7 +5,7 @@ import pytest
 import torch
 import zarr
 
-from attribution.errors import SpecError
+from attribution.record.errors import SpecError
 from experiments.data import colored_mnist, patch_mnist
 from experiments.data.mnist import MEAN, STD, archive_path
 from experiments.models import MLP, SmallCNN

@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attribution import SIGN_CONVENTION
-from attribution.counterfactual import as_model
-from attribution.references import Ref, load_dataset
-from attribution.trajectory import Trajectory
+from attribution.record import SIGN_CONVENTION
+from attribution.record.counterfactual import as_model
+from attribution.record.references import Ref, load_dataset
+from attribution.record.trajectory import Trajectory
 from experiments.sections import markers
 from experiments.spurious_report import main as spurious_report
 

@@ -7,9 +7,9 @@ import sys
 import pytest
 import torch
 
-from attribution import SIGN_CONVENTION
-from attribution.cli import main as stagetrace
-from attribution.trajectory import Trajectory
+from attribution.analysis.cli import main as stagetrace
+from attribution.record import SIGN_CONVENTION
+from attribution.record.trajectory import Trajectory
 
 
 def hydra_run(run_dir, *overrides):

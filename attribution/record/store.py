@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from attribution.errors import TrajectoryError
+from attribution.record.errors import TrajectoryError
 
 REWRITE = "re-record the run, or restore the file from a backup"
 FILE_MODE = 0o644

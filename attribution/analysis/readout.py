@@ -23,8 +23,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import jvp
 
-from attribution.behaviors import Behavior, per_example
-from attribution.errors import StagetraceError
+from attribution.analysis.behaviors import Behavior
+from attribution.record.errors import StagetraceError
+from attribution.record.evaluation import per_example
 
 Embeddings = Mapping[str, Mapping[str, Tensor]]
 

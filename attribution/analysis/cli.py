@@ -14,13 +14,14 @@ from typing import Any
 
 import yaml
 
-from attribution import SIGN_CONVENTION
-from attribution.audit import audit, default_behaviors_file, load_behaviors, validate
-from attribution.counterfactual import skip_stage
-from attribution.errors import StagetraceError
-from attribution.pipeline import max_abs_diff, replay
-from attribution.store import DiskStore
-from attribution.trajectory import Trajectory
+from attribution.analysis.audit import audit, default_behaviors_file, load_behaviors, validate
+from attribution.record import SIGN_CONVENTION
+from attribution.record.counterfactual import skip_stage
+from attribution.record.errors import StagetraceError
+from attribution.record.pipeline import max_abs_diff, replay
+from attribution.record.store import DiskStore
+from attribution.record.trajectory import Trajectory
+from estimators import build_all
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -174,7 +175,7 @@ def _settings(pairs: list[str]) -> dict[str, dict[str, Any]]:
 
 def _audit(args: argparse.Namespace) -> int:
     traj = Trajectory.open(args.run)
-    settings = _settings(args.setting).get(args.estimator.partition(":")[0])
+    settings = build_all([args.estimator], _settings(args.setting))[args.estimator].settings()
     result = audit(traj, args.estimator, _behaviors(args), args.readout, args.batch_size, settings)
     behaviors = list(result["behaviors"])
     print(f"estimator {args.estimator}, {args.readout} read-out: mean effect per stage")

@@ -16,68 +16,27 @@ import numpy as np
 import torch
 import yaml
 
-from attribution import SIGN_CONVENTION, metrics
-from attribution.behaviors import Behavior, per_example
-from attribution.counterfactual import skip_stage
-from attribution.errors import SpecError, StagetraceError
-from attribution.readout import behaviour_effects, evaluated_effects, linear_effects
-from attribution.references import resolve
-from attribution.trajectory import Trajectory
-from estimators import ESTIMATORS, EVIDENCE, Estimator, stored_embeddings
+from attribution.analysis import metrics
+from attribution.analysis.behaviors import Behavior
+from attribution.analysis.readout import behaviour_effects, evaluated_effects, linear_effects
+from attribution.record import SIGN_CONVENTION
+from attribution.record.counterfactual import skip_stage
+from attribution.record.errors import SpecError, StagetraceError
+from attribution.record.evaluation import per_example
+from attribution.record.trajectory import Trajectory
+from estimators import Estimator, build, build_all, check_evidence, stored_embeddings
 
 READOUTS = {"linear": linear_effects, "evaluated": evaluated_effects}
 BEHAVIORS_FILE = "behaviors.yaml"
 
 
-def available_evidence(traj: Trajectory) -> set[str]:
-    """What the recording holds, in the vocabulary of ``estimators.EVIDENCE``."""
-    evidence = {
-        "boundary_checkpoints",
-        "learning_rates",
-        "optimizer_hyperparameters",
-        "optimizer_state",
-    }
-    if all(traj.steps(i).has_batch_order for i in range(len(traj.stages))):
-        evidence.add("batch_order")
-    try:
-        for record in traj.stages:
-            resolve(record.data.target)
-        evidence.add("stage_data")
-    except StagetraceError:
-        pass
-    return evidence
-
-
 def estimator_for(
     name: str, traj: Trajectory, settings: Mapping[str, Any] | None = None
 ) -> Estimator:
-    """The named estimator (``e4:STRIDE`` picks E4's stride) built with ``settings`` (keyword
-    arguments of its class, e.g. E3's ``rank``), refused with what is missing if the recording
+    """The named estimator with ``settings``, refused with what is missing if the recording
     cannot support it."""
-    base, _, stride = name.partition(":")
-    if base not in ESTIMATORS or (
-        stride and (base != "e4" or not stride.isdigit() or int(stride) < 1)
-    ):
-        raise StagetraceError(
-            f"unknown estimator {name!r}. Fix: use one of {', '.join(ESTIMATORS)}, or "
-            "e4:STRIDE with a positive STRIDE"
-        )
-    try:
-        estimator = (
-            ESTIMATORS[base](int(stride)) if stride else ESTIMATORS[base](**(settings or {}))
-        )
-    except (TypeError, ValueError) as exc:
-        raise StagetraceError(
-            f"estimator {name} with settings {dict(settings or {})}: {exc}. Fix: give the "
-            f"settings its class {ESTIMATORS[base].__name__} accepts"
-        ) from exc
-    missing = sorted(estimator.requires - available_evidence(traj))
-    if missing:
-        usable = [n for n, cls in ESTIMATORS.items() if cls.requires <= available_evidence(traj)]
-        raise StagetraceError(
-            f"estimator {name} needs {'; '.join(EVIDENCE[m] for m in missing)}, which this "
-            f"trajectory does not hold. Fix: use {' or '.join(usable) or 'a fuller recording'}"
-        )
+    estimator = build(name, settings)
+    check_evidence([estimator], traj)
     return estimator
 
 
@@ -184,7 +143,8 @@ def validate(
             "validation needs at least one per_example behaviour",
             "add e.g. `test_loss: {data: ..., quantity: loss}`",
         )
-    built = {n: estimator_for(n, traj, settings.get(n.partition(":")[0])) for n in estimators}
+    built = build_all(estimators, settings)
+    check_evidence(built.values(), traj)
     if any(r not in READOUTS for r in readouts):
         raise StagetraceError(
             f"unknown read-out in {list(readouts)}. Fix: use {', '.join(READOUTS)}"

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from attribution.errors import SpecError
-from attribution.spec import EntryAction
+from attribution.record.errors import SpecError
+from attribution.record.spec import EntryAction
 
 
 class LoRALinear(nn.Module):

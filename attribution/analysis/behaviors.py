@@ -7,9 +7,10 @@ difference of two group means (``group_gap``). Groups are sets of labels, or, wi
 (``TensorDataset(inputs, labels, groups)``, e.g. ``2 * label + spurious attribute``).
 Because the aggregation is linear, the effect of a stage on a behaviour is the same aggregation
 of the per-example effects, so per-example effects are computed once (see
-``attribution.readout``) and aggregated per behaviour.
+``attribution.analysis.readout``) and aggregated per behaviour.
 
-Sign convention: effect_k(f) = f(theta_T) - f(theta_T^(-k)) (see ``attribution.SIGN_CONVENTION``).
+Sign convention: effect_k(f) = f(theta_T) - f(theta_T^(-k)) (see
+``attribution.record.SIGN_CONVENTION``).
 """
 
 from __future__ import annotations
@@ -19,15 +20,13 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.func import functional_call
+from torch import Tensor
 from torch.utils.data import TensorDataset
 
-from attribution.errors import SpecError, StagetraceError
-from attribution.references import Ref, load_dataset
+from attribution.record.errors import SpecError, StagetraceError
+from attribution.record.evaluation import QUANTITIES
+from attribution.record.references import Ref, load_dataset
 
-QUANTITIES = ("loss", "margin")
 AGGREGATES = ("per_example", "group_mean", "group_gap")
 GROUP_BY = ("label", "group")
 _KEYS = ("data", "quantity", "aggregate", "groups", "gap", "group_by")
@@ -216,21 +215,3 @@ def _check_labels(labels: Any, where: str) -> None:
             f"expected a non-empty list of non-negative integer labels, got {labels!r}",
             "list the class labels of the group, e.g. [3, 8]",
         )
-
-
-def per_example(
-    model: nn.Module, params: Mapping[str, Tensor], inputs: Tensor, targets: Tensor, quantity: str
-) -> Tensor:
-    """The per-example ``quantity`` [N] of ``model`` run with ``params`` (and its own buffers).
-
-    ``loss``: cross-entropy in nats; ``margin``: true-class logit minus the largest other logit.
-    Differentiable in ``params`` (works under ``torch.func.jvp``).
-    """
-    logits = functional_call(model, {**params, **dict(model.named_buffers())}, (inputs,))
-    if quantity == "loss":
-        return F.cross_entropy(logits, targets, reduction="none")
-    if quantity == "margin":
-        true = logits.gather(-1, targets[:, None]).squeeze(-1)
-        others = logits.masked_fill(F.one_hot(targets, logits.shape[-1]).bool(), float("-inf"))
-        return true - others.amax(-1)
-    raise SpecError("quantity", f"unknown quantity {quantity!r}", f"use one of {QUANTITIES}")

@@ -6,7 +6,7 @@
   ``estimators.within_stage.example_scores``), then every later stage as recorded.
 
 Each returns the final parameters and buffers of the intervened model, in the final model's
-structure (load them with ``attribution.counterfactual.as_model``), and the seconds it took.
+structure (load them with ``attribution.record.counterfactual.as_model``), and the seconds it took.
 ``most_harmful`` and ``random_drop`` choose what ``filter_and_rerun`` drops.
 """
 
@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from attribution.counterfactual import check_complete, retrain_after, skip_stage
-from attribution.errors import SpecError, StagetraceError, TrajectoryError
-from attribution.pipeline import continue_stage
-from attribution.references import load_dataset
-from attribution.trajectory import StepLog, Trajectory, load_state, snapshot
+from attribution.record.counterfactual import check_complete, retrain_after, skip_stage
+from attribution.record.errors import SpecError, StagetraceError, TrajectoryError
+from attribution.record.pipeline import continue_stage
+from attribution.record.references import load_dataset
+from attribution.record.trajectory import StepLog, Trajectory, load_state, snapshot
 from estimators.base import StageEmbeddings
 from estimators.within_stage import ExampleScores
 
@@ -72,7 +72,7 @@ def undo(traj: Trajectory, embeddings: StageEmbeddings, stage: str | int) -> Int
 
 def skip(traj: Trajectory, stage: str | int) -> Intervention:
     """The counterfactual: stages k+1..K retrained without stage k
-    (``attribution.counterfactual.skip_stage``, stored and reused)."""
+    (``attribution.record.counterfactual.skip_stage``, stored and reused)."""
     result = skip_stage(traj, stage)
     k = traj.index(stage)
     retrained = sum(r.num_steps for r in traj.stages[k + 1 :])

@@ -94,7 +94,7 @@ def optimizer_kind(optimizer: torch.optim.Optimizer) -> str:
             return name
     raise ValueError(
         f"optimizer {type(optimizer).__name__} is not supported; use one of "
-        "torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, attribution.optim.SGDW"
+        "torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, attribution.record.optim.SGDW"
     )
 
 

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from attribution.artifacts import load_artifact, save_artifact
-from attribution.errors import StagetraceError, TrajectoryError
-from attribution.optim import OptimizerState
-from attribution.pipeline import StepCallback, add_adapters, continue_stage
-from attribution.trajectory import StageRecord, StepLog, Trajectory, load_state, snapshot
+from attribution.record.artifacts import load_artifact, save_artifact
+from attribution.record.errors import StagetraceError, TrajectoryError
+from attribution.record.optim import OptimizerState
+from attribution.record.pipeline import StepCallback, add_adapters, continue_stage
+from attribution.record.trajectory import StageRecord, StepLog, Trajectory, load_state, snapshot
 
 SCHEMA = "stagetrace.counterfactual"
 SCHEMA_VERSION = 1

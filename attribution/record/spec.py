@@ -12,10 +12,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from attribution.errors import SpecError
-from attribution.optim import HYPERPARAMETERS
-from attribution.references import Ref
-from attribution.schedules import ScheduleSpec
+from attribution.record.errors import SpecError
+from attribution.record.optim import HYPERPARAMETERS
+from attribution.record.references import Ref
+from attribution.record.schedules import ScheduleSpec
 
 STAGE_KINDS = ("pretrain", "finetune", "adapt")
 POLICIES = ("reset", "carry")

@@ -29,13 +29,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from attribution import SIGN_CONVENTION
-from attribution.entry import apply_entry, is_structural
-from attribution.errors import StagetraceError, TrajectoryError, UnknownStageError
-from attribution.optim import HYPERPARAMETERS, OptimizerState
-from attribution.references import Ref
-from attribution.spec import ENTRY_KINDS, POLICIES, STAGE_KINDS, EntryAction, is_safe_name
-from attribution.store import REWRITE, DiskStore, MemoryStore, Store
+from attribution.record import SIGN_CONVENTION
+from attribution.record.entry import apply_entry, is_structural
+from attribution.record.errors import StagetraceError, TrajectoryError, UnknownStageError
+from attribution.record.optim import HYPERPARAMETERS, OptimizerState
+from attribution.record.references import Ref
+from attribution.record.spec import ENTRY_KINDS, POLICIES, STAGE_KINDS, EntryAction, is_safe_name
+from attribution.record.store import REWRITE, DiskStore, MemoryStore, Store
 
 SCHEMA = "stagetrace.trajectory"
 SCHEMA_VERSION = 1

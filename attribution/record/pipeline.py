@@ -18,12 +18,17 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset, default_collate
 
-from attribution.entry import apply_entry, is_structural, matching_modules
-from attribution.errors import SpecError, TrainingError, TrajectoryError
-from attribution.optim import OptimizerState, build_optimizer, load_state_by_name, state_by_name
-from attribution.references import load_dataset, loss_function
-from attribution.spec import EntryAction, PipelineSpec, StageSpec
-from attribution.trajectory import (
+from attribution.record.entry import apply_entry, is_structural, matching_modules
+from attribution.record.errors import SpecError, TrainingError, TrajectoryError
+from attribution.record.optim import (
+    OptimizerState,
+    build_optimizer,
+    load_state_by_name,
+    state_by_name,
+)
+from attribution.record.references import load_dataset, loss_function
+from attribution.record.spec import EntryAction, PipelineSpec, StageSpec
+from attribution.record.trajectory import (
     MANIFEST,
     ParamGroup,
     StageRecord,

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from attribution.errors import SpecError
+from attribution.record.errors import SpecError
 
 SCHEDULES = {
     "constant": (),

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from attribution.errors import SpecError
+from attribution.record.errors import SpecError
 
 
 def mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

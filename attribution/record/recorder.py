@@ -31,17 +31,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from attribution.errors import StagetraceError
-from attribution.optim import (
+from attribution.record.errors import StagetraceError
+from attribution.record.optim import (
     OptimizerState,
     group_hyperparameters,
     optimizer_kind,
     state_by_name,
 )
-from attribution.pipeline import add_adapters, reinitialise
-from attribution.references import Ref
-from attribution.spec import POLICIES, STAGE_KINDS, EntryAction, check_stage_name
-from attribution.trajectory import ParamGroup, StageRecord, StepLog, Trajectory, snapshot
+from attribution.record.pipeline import add_adapters, reinitialise
+from attribution.record.references import Ref
+from attribution.record.spec import POLICIES, STAGE_KINDS, EntryAction, check_stage_name
+from attribution.record.trajectory import ParamGroup, StageRecord, StepLog, Trajectory, snapshot
 
 
 class Recorder:

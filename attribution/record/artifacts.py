@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from attribution import SIGN_CONVENTION
-from attribution.errors import TrajectoryError
-from attribution.trajectory import Trajectory
+from attribution.record import SIGN_CONVENTION
+from attribution.record.errors import TrajectoryError
+from attribution.record.trajectory import Trajectory
 
 
 @dataclass(frozen=True)
