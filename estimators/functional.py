@@ -1,6 +1,6 @@
 """Pure functional optimizer steps that match ``torch.optim`` and work under ``torch.func``.
 
-E2 (DESIGN.md section 2) carries a parameter offset through later stages with the Jacobian of the
+E2 (docs/estimators.md) carries a parameter offset through later stages with the Jacobian of the
 training step. ``StepRule.step`` re-implements the single-tensor (CPU default) update of each
 recorded optimizer (``sgd``, ``sgdw``, ``adam``, ``adamw``) with the same operations in the same
 order, so its numbers equal ``torch.optim`` (``attribution.record.optim.SGDW`` for ``sgdw``)
@@ -19,7 +19,7 @@ Replaying stage ``i`` of a trajectory (either optimizer policy: the record holds
 stage started from, empty under ``reset`` and the carried entries under ``carry``)::
 
     record, log = traj.stages[i], traj.steps(i)
-    rule = StepRule.from_record(record)
+    rule = StepRule.from_record(record, [n for n, _ in model.named_parameters()])
     recorded = traj.optimizer_state(i, "start")
     fresh = rule.fresh(recorded)
     state = rule.init_state(params, recorded)
@@ -37,7 +37,7 @@ gradient is ``None`` (unused by the loss), while ``torch.func.grad`` returns zer
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,24 +58,31 @@ class StepRule:
 
     ``hyper`` maps each trained parameter name to the hyperparameters of its group, keyed as in
     ``attribution.record.optim.HYPERPARAMETERS[kind]`` (no ``lr``: learning rates are given per
-    step).
+    step). ``clip_grad_norm`` (None: off) clips the gradients to that total 2-norm first, as
+    ``torch.nn.utils.clip_grad_norm_`` does; the total sums the per-tensor norms in the order of
+    ``hyper``, which must be the order of the parameters given to torch (``train_stage``: model
+    order) for the last bit to agree.
     """
 
     kind: str
     hyper: Mapping[str, Mapping[str, Any]]
+    clip_grad_norm: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in HYPERPARAMETERS:
             raise ValueError(f"optimizer {self.kind!r} is not one of {list(HYPERPARAMETERS)}")
 
     @classmethod
-    def from_record(cls, record: StageRecord) -> StepRule:
-        """The rule of a recorded stage: its optimizer and each group's hyperparameters."""
+    def from_record(cls, record: StageRecord, order: Sequence[str] = ()) -> StepRule:
+        """The rule of a recorded stage: its optimizer, each group's hyperparameters and its
+        gradient clipping. ``order``: the model's parameter names in ``named_parameters()``
+        order, the order in which ``train_stage`` clips; without it the record's group order
+        is used, which agrees when the groups list the parameters in model order."""
         keys = HYPERPARAMETERS[record.optimizer]
-        return cls(
-            record.optimizer,
-            {name: {k: g.hyper[k] for k in keys} for g in record.groups for name in g.params},
-        )
+        hyper = {name: {k: g.hyper[k] for k in keys} for g in record.groups for name in g.params}
+        ranked = {name: i for i, name in enumerate(order)}
+        ordered = sorted(hyper, key=lambda n: ranked.get(n, len(ranked)))
+        return cls(record.optimizer, {n: hyper[n] for n in ordered}, record.clip_grad_norm)
 
     def slots(self, name: str) -> tuple[str, ...]:
         """The state slots torch keeps for trained parameter ``name`` (none for plain SGD)."""
@@ -127,10 +134,13 @@ class StepRule:
         ``state`` must be complete for them (see ``init_state``); ``lrs`` is the learning rate
         of each at this step; ``fresh`` names the momentum buffers torch would create now (the
         buffer becomes the gradient, undampened). Other parameters and entries pass unchanged.
+        With ``clip_grad_norm`` the gradients are clipped first (over those in ``grads``).
         """
         unknown = sorted(set(grads) - set(self.hyper))
         if unknown:
             raise ValueError(f"gradients given for parameters this rule does not train: {unknown}")
+        if self.clip_grad_norm is not None:
+            grads = self.clipped(grads)
         new_params, new_state = dict(params), dict(state)
         for name, grad in grads.items():
             hyper, lr, slots = self.hyper[name], lrs[name], state.get(name, {})
@@ -144,6 +154,19 @@ class StepRule:
             if s:
                 new_state[name] = s
         return new_params, new_state
+
+    def clipped(self, grads: Params) -> Params:
+        """``grads`` scaled as ``torch.nn.utils.clip_grad_norm_(..., clip_grad_norm)`` scales
+        them: by ``min(max_norm / (total_norm + 1e-6), 1)``, total_norm the 2-norm of the
+        per-tensor 2-norms (in ``hyper`` order). Clamped, not branched, so it differentiates."""
+        names = [n for n in self.hyper if n in grads]
+        if not names:
+            return dict(grads)
+        total = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(grads[n]) for n in names])
+        )
+        coefficient = torch.clamp(self.clip_grad_norm / (total + 1e-6), max=1.0)
+        return {n: g * coefficient for n, g in grads.items()}
 
 
 def step_lrs(record: StageRecord, log: StepLog, t: int) -> dict[str, float]:

@@ -1,7 +1,9 @@
 """Record your own training loop with stagetrace, then replay it and skip a stage.
 
-The loop below is ordinary PyTorch: its own optimizers, its own scheduler, its own batching.
-The recorder adds three calls per stage (``stage``, ``attach``, ``log_batch``) and writes a
+The loop below is ordinary PyTorch: its own optimizers, its own scheduler, its own batching, and
+gradient clipping in the second stage, which it declares to the recorder (``clip_grad_norm``) so
+that replays clip too. The recorder adds three calls per stage (``stage``, ``attach``,
+``log_batch``), checks each stage's first steps replay exactly when the stage ends, and writes a
 trajectory that ``stagetrace replay RUN --verify`` reproduces bit for bit.
 
     python examples/record_own_loop.py runs/own_loop
@@ -23,7 +25,8 @@ from attribution.record.trajectory import Trajectory
 
 
 def train(root: Path | None, steps: int = 100) -> Trajectory:
-    """Two stages on MNIST: SGD with a cosine schedule, then AdamW with a re-initialised head."""
+    """Two stages on MNIST: SGD with a cosine schedule, then AdamW with a re-initialised head and
+    gradients clipped to norm 1."""
     model_ref = Ref("experiments.models:MLP", {"hidden": [64]})
     torch.manual_seed(0)
     model = model_ref.call()
@@ -38,6 +41,7 @@ def train(root: Path | None, steps: int = 100) -> Trajectory:
     ]
     for seed, (name, data, entry) in enumerate(stages, start=1):
         inputs, targets = data.call().tensors
+        max_norm = None if name == "pretrain" else 1.0
         with recorder.stage(
             name,
             kind="pretrain" if seed == 1 else "finetune",
@@ -45,6 +49,7 @@ def train(root: Path | None, steps: int = 100) -> Trajectory:
             seed=seed,
             batch_size=64,
             entry=entry,
+            clip_grad_norm=max_norm,
         ) as stage:
             if name == "pretrain":
                 optimizer = torch.optim.SGD(
@@ -60,6 +65,8 @@ def train(root: Path | None, steps: int = 100) -> Trajectory:
                 stage.log_batch(batch)
                 optimizer.zero_grad()
                 F.cross_entropy(model(inputs[batch]), targets[batch]).backward()
+                if max_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
                 optimizer.step()
                 scheduler.step()
     return recorder.finish()

@@ -5,8 +5,9 @@ parameters that entered stage k (its ``start`` checkpoint, in which adapters sta
 their function-preserving initial values) and stages k+1..K run with their recorded batches,
 learning rates, hyperparameters and entry actions. Under the ``carry`` policy stage k+1 receives
 the optimizer state that existed when stage k began (stage k-1's final state). This equals the
-run declared without stage k. Results are stored under the run in
-``counterfactuals/skip-<stage>/`` and reused while the recorded run is unchanged.
+run declared without stage k. Results are stored in the trajectory's cache (by default the run
+itself) in ``counterfactuals/skip-<stage>/`` and reused while the recorded run is unchanged; two
+processes asking for the same one compute it once (the second waits, then reuses it).
 """
 
 from __future__ import annotations
@@ -18,10 +19,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from attribution.record.artifacts import load_artifact, save_artifact
+from attribution.record.artifacts import artifact_lock, load_artifact, save_artifact
 from attribution.record.errors import StagetraceError, TrajectoryError
 from attribution.record.optim import OptimizerState
-from attribution.record.pipeline import StepCallback, add_adapters, continue_stage
+from attribution.record.pipeline import (
+    StepCallback,
+    add_adapters,
+    continue_stage,
+    recorded_threads,
+)
 from attribution.record.trajectory import StageRecord, StepLog, Trajectory, load_state, snapshot
 
 SCHEMA = "stagetrace.counterfactual"
@@ -42,13 +48,26 @@ class Counterfactual:
 def skip_stage(
     traj: Trajectory, stage: str | int, on_step: StepCallback | None = None
 ) -> Counterfactual:
-    """Retrain the stages after ``stage`` without it (or reuse a stored result)."""
+    """Retrain the stages after ``stage`` without it, or reuse the result stored in the
+    trajectory's cache. While computing it holds the result's lock, so that another process
+    asking for the same result waits and then reuses it instead of computing it again."""
     k = check_skippable(traj, stage)
     name = traj.stages[k].name
     folder = f"counterfactuals/skip-{name}"
     stored = load_artifact(traj, folder, FINAL, SCHEMA, SCHEMA_VERSION)
-    if stored is not None:
-        return Counterfactual(name, stored.tensors, float(stored.meta["seconds"]), reused=True)
+    if stored is None:
+        for j in range(k + 1, len(traj.stages)):
+            traj.check_replayable(j)  # refuse before the lock creates anything
+        with artifact_lock(traj, folder):
+            # another process may have stored it while this one waited for the lock
+            stored = load_artifact(traj, folder, FINAL, SCHEMA, SCHEMA_VERSION)
+            if stored is None:
+                return _compute(traj, k, folder, on_step)
+    return Counterfactual(name, stored.tensors, float(stored.meta["seconds"]), reused=True)
+
+
+def _compute(traj: Trajectory, k: int, folder: str, on_step: StepCallback | None) -> Counterfactual:
+    name = traj.stages[k].name
     began = time.perf_counter()
     skipped_state = traj.optimizer_state(k - 1, "end") if k else {}
     state = retrain_after(traj, k, traj.checkpoint(k, "start"), skipped_state, on_step)
@@ -76,15 +95,20 @@ def retrain_after(
     ``state`` (in stage k's structure) and ``optimizer_state`` (the state in hand after k).
 
     ``later`` replaces the recorded (record, steps) of those stages, e.g. with a coarser
-    schedule; by default they run exactly as recorded.
+    schedule; by default they run exactly as recorded, with the recorded thread count
+    (``recorded_threads``). Stages k+1..K known not to replay (``Trajectory.check_replayable``)
+    are refused: their retraining would not be the run's.
     """
+    for j in range(k + 1, len(traj.stages)):
+        traj.check_replayable(j)
     if later is None:
         later = [(traj.stages[j], traj.steps(j)) for j in range(k + 1, len(traj.stages))]
     model = traj.build_model(k)
     load_state(model, state, f"start of the stages after {traj.stages[k].name}")
-    for record, steps in later:
-        add_adapters(model, record.entry, record.name)
-        optimizer_state = continue_stage(model, record, steps, optimizer_state, on_step)
+    with recorded_threads(traj):
+        for record, steps in later:
+            add_adapters(model, record.entry, record.name)
+            optimizer_state = continue_stage(model, record, steps, optimizer_state, on_step)
     return snapshot(model)
 
 

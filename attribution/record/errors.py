@@ -18,12 +18,31 @@ class SpecError(StagetraceError):
 
 
 class TrajectoryError(StagetraceError):
-    """A recorded trajectory is damaged, inconsistent or of another schema version."""
+    """A recorded trajectory is damaged, inconsistent, of another schema version, or cannot be
+    used as asked. ``path`` is the file or directory at fault (None when the problem lies in a
+    stage rather than a file), ``stage`` the stage's name, ``step`` the step (0-based) within it,
+    ``field`` the dotted manifest field or tensor key."""
 
-    def __init__(self, path: Path | str, problem: str, fix: str, field: str | None = None) -> None:
-        self.path = Path(path)
-        self.field = field
-        where = f"{path} (field {field})" if field else f"{path}"
+    def __init__(
+        self,
+        path: Path | str | None,
+        problem: str,
+        fix: str,
+        field: str | None = None,
+        *,
+        stage: str | None = None,
+        step: int | None = None,
+    ) -> None:
+        self.path = None if path is None else Path(path)
+        self.field, self.stage, self.step = field, stage, step
+        details = [
+            f"stage {stage!r}" if stage is not None and path is not None else None,
+            f"step {step}" if step is not None else None,
+            f"field {field}" if field else None,
+        ]
+        head = str(path) if path is not None else f"stage {stage!r}" if stage else "trajectory"
+        listed = ", ".join(d for d in details if d)
+        where = f"{head} ({listed})" if listed else head
         super().__init__(f"{where}: {problem}. Fix: {fix}")
 
 

@@ -2,15 +2,16 @@
 
 One function, ``train_stage``, performs every training step in the project: the original run,
 its replay, and every skip-stage counterfactual. It reads learning rates and batch indices from a
-``StepLog``, never from a sampler or scheduler, so replays see exactly the recorded numbers.
+``StepLog``, never from a sampler or scheduler, so replays see exactly the recorded numbers. Its
+callers run it inside ``recorded_threads``, with the recording's thread count.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import json
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from attribution.record.references import load_dataset, loss_function
 from attribution.record.spec import EntryAction, PipelineSpec, StageSpec
 from attribution.record.trajectory import (
     MANIFEST,
+    Environment,
     ParamGroup,
     StageRecord,
     StepLog,
@@ -101,8 +103,10 @@ def resolve_stage(
         entry=spec.entry,
         optimizer_policy=spec.optimizer_policy,
         checkpoint_every=spec.checkpoint_every,
+        clip_grad_norm=spec.clip_grad_norm,
     )
-    lr = [[m * g.hyper["lr"] for g in groups] for m in spec.schedule.multipliers(num_steps)]
+    multipliers = spec.schedule.multipliers(num_steps, f"{where}.schedule")
+    lr = [[m * g.hyper["lr"] for g in groups] for m in multipliers]
     batches = sample_batches(num_examples, spec.batch_size, num_steps, spec.seed)
     return record, StepLog.from_batches(lr, batches)
 
@@ -129,12 +133,18 @@ def carried_state(
     parameters it adds are new, so they have no previous state either)."""
     if record.optimizer_policy == "reset":
         return {}
-    fresh = set()
+    keep = set(record.trainable) - reinitialised(model, record)
+    return {name: slots for name, slots in previous.items() if name in keep}
+
+
+def reinitialised(model: nn.Module, record: StageRecord) -> set[str]:
+    """Parameters that the stage's ``reinit`` actions re-create (their values, offsets and
+    adjoints do not come from earlier stages)."""
+    names = set()
     for action in (a for a in record.entry if not is_structural(a)):
         for module in matching_modules(model, action.modules, f"stage {record.name} entry"):
-            fresh |= {f"{module}.{n}" for n, _ in model.get_submodule(module).named_parameters()}
-    keep = set(record.trainable) - fresh
-    return {name: slots for name, slots in previous.items() if name in keep}
+            names |= {f"{module}.{n}" for n, _ in model.get_submodule(module).named_parameters()}
+    return names
 
 
 def continue_stage(
@@ -161,35 +171,34 @@ def train_stage(
     """Run a stage's recorded steps on ``model`` in place; return the final optimizer state.
 
     Batches use the first two tensors of each example (inputs, targets); further ones, such as
-    group ids, are ignored. ``on_checkpoint`` receives the state before each step of
+    group ids, are ignored. With ``record.clip_grad_norm`` set, the gradients are clipped after
+    backward and before the step by ``torch.nn.utils.clip_grad_norm_`` over the trained
+    parameters in model order, as a user loop does with ``clip_grad_norm_(model.parameters(),
+    max_norm)``. ``on_checkpoint`` receives the state before each step of
     ``record.checkpoint_steps()``: the recording stores it, replays and counterfactuals pass none.
     """
     params = dict(model.named_parameters())
     unknown = sorted(set(record.trainable) - set(params))
     if unknown:
         raise TrajectoryError(
-            f"stage {record.name}",
+            None,
             f"trains parameters the model lacks: {unknown[:5]}",
             "check the model reference and entry actions",
             field="optimizer.groups",
+            stage=record.name,
         )
     trainable = set(record.trainable)
     for name, p in params.items():
         p.requires_grad_(name in trainable)
+    clipped = [p for name, p in params.items() if name in trainable]
     names = {id(p): n for n, p in params.items()}
     optimizer = build_optimizer(
         record.optimizer, [([params[n] for n in g.params], g.hyper) for g in record.groups]
     )
     load_state_by_name(optimizer, state, names)
-    if not steps.has_batch_order:
-        raise TrajectoryError(
-            f"stage {record.name}",
-            "recorded no batch order (or not for every step), which replays and retraining need",
-            "record the stage with stage.log_batch(indices) before every optimizer step",
-            field="steps.batch_indices",
-        )
+    require_batch_order(record, steps, "replays and retraining")
     dataset = load_dataset(record.data)
-    _check_indices(steps, len(dataset), record)
+    check_indices(record, steps, len(dataset))
     loss_fn = loss_function(record.loss)
     torch.manual_seed(record.seed)
     model.train()
@@ -204,10 +213,34 @@ def train_stage(
         loss = loss_fn(model(inputs), targets)
         loss.backward()
         _check_finite(loss, optimizer, names, record.name, t)
+        if record.clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(clipped, record.clip_grad_norm)
         optimizer.step()
         if on_step is not None:
             on_step(record.name, t, steps.num_steps, loss.item())
     return state_by_name(optimizer, names)
+
+
+@contextmanager
+def recorded_threads(traj: Trajectory) -> Iterator[None]:
+    """Run the body with the recording process's intra-op thread count and deterministic-
+    algorithms flag (the manifest's ``environment``), restoring the caller's afterwards. The
+    thread count changes how CPU kernels split their sums, so exact replays and retraining need
+    the recorded one. Manifests without an ``environment`` run with the caller's settings."""
+    env = traj.environment
+    if env is None:
+        yield
+        return
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.set_num_threads(env.threads)
+    torch.use_deterministic_algorithms(env.deterministic)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
 def run_pipeline(
@@ -216,23 +249,29 @@ def run_pipeline(
     """Train the declared stages and record them under ``root`` (None: in memory).
 
     If ``root`` already holds an interrupted run of the same pipeline, it resumes after the last
-    recorded stage; a finished run is returned as it is; a different pipeline is refused.
+    recorded stage (with the thread count it was recorded with); a finished run is returned as
+    it is; a different pipeline, or a directory another process records into, is refused. The
+    directory's lock is released when this returns.
     """
     check_pipeline(spec)
-    traj = _create_or_resume(spec, root)
-    done = len(traj.stages)
-    if done:
-        model = traj.load_model(done - 1, "end")
-        state = traj.optimizer_state(done - 1, "end")
-    else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(spec.seed)
-            model = spec.model.call()
-        state = {}
-    for stage in spec.stages[done:]:
-        state = _record_stage(traj, model, stage, state, on_step)
-    if not traj.complete:
-        traj.mark_complete()
+    traj = Trajectory.create(root, spec.model, spec.to_dict(), resume=True)
+    try:
+        with recorded_threads(traj):
+            done = len(traj.stages)
+            if done:
+                model = traj.load_model(done - 1, "end")
+                state = traj.optimizer_state(done - 1, "end")
+            else:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(spec.seed)
+                    model = spec.model.call()
+                state = {}
+            for stage in spec.stages[done:]:
+                state = _record_stage(traj, model, stage, state, on_step)
+        if not traj.complete:
+            traj.mark_complete()
+    finally:
+        traj.close()
     return traj
 
 
@@ -256,6 +295,8 @@ def _record_stage(
         inner.append(traj.write_inner_checkpoint(stage.name, t, tensors))
 
     state = train_stage(model, record, steps, state_in, on_step, save)
+    # run by train_stage itself, which every replay runs: verified by construction
+    record = replace(record, verified=True)
     traj.append_stage(record, start, snapshot(model), state_in, state, steps, inner)
     return state
 
@@ -287,8 +328,42 @@ class ReplayDiff:
         return max(self.start, self.end, self.optimizer)
 
 
-def replay(traj: Trajectory, on_step: StepCallback | None = None) -> list[ReplayDiff]:
-    """Re-run the whole recorded trajectory from its first checkpoint; compare every boundary."""
+@dataclass(frozen=True)
+class Replay:
+    """A replay's differences, one ``ReplayDiff`` per stage in training order (iterate or index
+    it like a list), and ``environment``: what differs from the recording process that the
+    replay could not set back (torch version, device, CPU kernels), each a phrase such as
+    "recorded with torch 2.12.0, replayed with 2.13.0"; any of them may explain a difference."""
+
+    stages: tuple[ReplayDiff, ...]
+    environment: tuple[str, ...] = ()
+
+    @property
+    def worst(self) -> float:
+        """The largest difference over all stages (0.0: an exact replay)."""
+        return max((d.worst for d in self.stages), default=0.0)
+
+    def __iter__(self) -> Iterator[ReplayDiff]:
+        return iter(self.stages)
+
+    def __len__(self) -> int:
+        return len(self.stages)
+
+    def __getitem__(self, i: int) -> ReplayDiff:
+        return self.stages[i]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "stages": [asdict(d) for d in self.stages],
+            "worst": self.worst,
+            "environment": list(self.environment),
+        }
+
+
+def replay(traj: Trajectory, on_step: StepCallback | None = None) -> Replay:
+    """Re-run the whole recorded trajectory from its first checkpoint, with the recorded thread
+    count (``recorded_threads``); compare every boundary. Stages known not to replay
+    (``Trajectory.check_replayable``) are refused before any runs."""
     if not traj.stages:
         raise TrajectoryError(
             traj.store.where(MANIFEST),
@@ -296,19 +371,34 @@ def replay(traj: Trajectory, on_step: StepCallback | None = None) -> list[Replay
             "run the pipeline again to record its stages",
             field="stages",
         )
+    for i in range(len(traj.stages)):
+        traj.check_replayable(i)
     model = traj.load_model(0, "start")
     state: OptimizerState = {}
     diffs = []
-    for i, record in enumerate(traj.stages):
-        add_adapters(model, record.entry if i else (), record.name)
-        start = max_abs_diff(snapshot(model), traj.checkpoint(i, "start"))
-        state = continue_stage(model, record, traj.steps(i), state, on_step)
-        end = max_abs_diff(snapshot(model), traj.checkpoint(i, "end"))
-        recorded = flatten_state(traj.optimizer_state(i, "end"))
-        diffs.append(
-            ReplayDiff(record.name, start, end, max_abs_diff(flatten_state(state), recorded))
+    with recorded_threads(traj):
+        for i, record in enumerate(traj.stages):
+            add_adapters(model, record.entry if i else (), record.name)
+            start = max_abs_diff(snapshot(model), traj.checkpoint(i, "start"))
+            state = continue_stage(model, record, traj.steps(i), state, on_step)
+            end = max_abs_diff(snapshot(model), traj.checkpoint(i, "end"))
+            recorded = flatten_state(traj.optimizer_state(i, "end"))
+            diffs.append(
+                ReplayDiff(record.name, start, end, max_abs_diff(flatten_state(state), recorded))
+            )
+    return Replay(tuple(diffs), environment_notes(traj))
+
+
+def environment_notes(traj: Trajectory) -> tuple[str, ...]:
+    """What differs between the recording process and this one that ``recorded_threads``
+    cannot set back (``Environment.differences``); for a manifest without an ``environment``,
+    a note that the recording's is unknown."""
+    if traj.environment is None:
+        return (
+            "the recording's environment is unknown (its manifest predates the environment "
+            "field): an exact replay needs the same torch version, CPU and thread count",
         )
-    return diffs
+    return traj.environment.differences(Environment.current())
 
 
 def max_abs_diff(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
@@ -318,26 +408,6 @@ def max_abs_diff(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -
     return max(
         (float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].numel()), default=0.0
     )
-
-
-def _create_or_resume(spec: PipelineSpec, root: Path | str | None) -> Trajectory:
-    declared = spec.to_dict()
-    if root is not None and (Path(root) / MANIFEST).is_file():
-        traj = Trajectory.open(root)
-        if traj.stages:
-            if _canonical(traj.pipeline) != _canonical(declared):
-                raise TrajectoryError(
-                    Path(root) / MANIFEST,
-                    "holds a run of a different pipeline",
-                    "choose a new directory for this configuration",
-                    field="pipeline",
-                )
-            return traj
-    return Trajectory.create(root, spec.model, declared)
-
-
-def _canonical(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True)
 
 
 def _match(names: list[str], patterns: Sequence[str], where: str) -> list[str]:
@@ -359,15 +429,29 @@ def fetch_batch(dataset: Any, indices: torch.Tensor) -> tuple[Any, Any]:
     return inputs, targets
 
 
-def _check_indices(steps: StepLog, size: int, record: StageRecord) -> None:
+def require_batch_order(record: StageRecord, steps: StepLog, need: str) -> None:
+    """Refuse a stage that recorded no batch order (or not for every step); ``need`` names
+    what needs it (replays, example scores, filtering)."""
+    if not steps.has_batch_order:
+        raise TrajectoryError(
+            None,
+            f"recorded no batch order (or not for every step), which {need} need",
+            "record the stage with stage.log_batch(indices) before every optimizer step",
+            field="steps.batch_indices",
+            stage=record.name,
+        )
+
+
+def check_indices(record: StageRecord, steps: StepLog, size: int) -> None:
+    """Refuse batches that index past the ``size`` examples the stage's data reference yields."""
     if steps.indices.numel() and int(steps.indices.max()) >= size:
         raise TrajectoryError(
-            f"stage {record.name}",
-            f"batches use example "
-            f"{int(steps.indices.max())} but the data reference yields only "
+            None,
+            f"batches use example {int(steps.indices.max())} but the data reference yields only "
             f"{size} examples",
             f"make the data reference {record.data.target} return the data the stage trained on",
             field="data",
+            stage=record.name,
         )
 
 

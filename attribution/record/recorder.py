@@ -18,12 +18,21 @@ The user keeps their model, optimizer, scheduler and loop, and adds three calls:
 
 The model and data references must rebuild the same model and data in a fresh process, and the
 loop must compute ``loss(model(inputs), targets)`` with a mean-reduced loss, as the replay does.
-``stagetrace replay RUN --verify`` checks that the record is faithful.
+A loop that clips gradients declares it (``recorder.stage(..., clip_grad_norm=1.0)``) and calls
+``torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)`` itself between backward and step.
+
+When a stage ends, its first ``VERIFY_STEPS`` steps are replayed from its start and compared
+with what the loop produced; a stage that differs is recorded ``verified: false`` and refused by
+everything that replays or retrains it (``Trajectory.check_replayable``), so that a loop doing
+something the record does not hold (undeclared clipping, gradient accumulation, a second
+optimizer) cannot yield a wrong ground truth. ``stagetrace replay RUN --verify`` checks the
+whole record.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -38,14 +47,41 @@ from attribution.record.optim import (
     optimizer_kind,
     state_by_name,
 )
-from attribution.record.pipeline import add_adapters, reinitialise
+from attribution.record.pipeline import (
+    add_adapters,
+    continue_stage,
+    max_abs_diff,
+    recorded_threads,
+    reinitialise,
+)
 from attribution.record.references import Ref
-from attribution.record.spec import POLICIES, STAGE_KINDS, EntryAction, check_stage_name
-from attribution.record.trajectory import ParamGroup, StageRecord, StepLog, Trajectory, snapshot
+from attribution.record.spec import (
+    POLICIES,
+    STAGE_KINDS,
+    EntryAction,
+    check_clip_grad_norm,
+    check_stage_name,
+)
+from attribution.record.trajectory import (
+    ParamGroup,
+    StageRecord,
+    StepLog,
+    Trajectory,
+    Verification,
+    load_state,
+    snapshot,
+)
+
+VERIFY_STEPS = 3
+"""How many of a stage's first steps are replayed when it ends (each costs one training step and
+one copy of the parameters and buffers, held until the stage ends)."""
 
 
 class Recorder:
-    """Writes a trajectory under ``root`` (None: in memory) for a model trained by user code."""
+    """Writes a trajectory under ``root`` (None: in memory) for a model trained by user code.
+
+    It holds the directory's lock from its creation until ``finish()`` (or the process ends):
+    a second recording into the same directory is refused meanwhile."""
 
     def __init__(self, root: Path | str | None, model: nn.Module, model_ref: Ref) -> None:
         _check_reference(model, model_ref)
@@ -64,12 +100,17 @@ class Recorder:
         entry: Sequence[Mapping[str, Any]] = (),
         optimizer_policy: str = "reset",
         log_batches: bool = True,
+        clip_grad_norm: float | None = None,
     ) -> StageRecording:
         """A context in which one stage trains. Entry actions are applied on entering it;
         ``seed`` seeds the global torch RNG there and the entry actions. With
         ``log_batches=False`` no batch order is recorded: the stage cannot be replayed or
-        retrained, and only estimators that need no batches (E0, E1) can audit it."""
+        retrained, and only estimators that need no batches (E0, E1) can audit it.
+        ``clip_grad_norm`` declares the ``max_norm`` with which the loop calls
+        ``torch.nn.utils.clip_grad_norm_`` on the model's parameters before every step (the
+        recorder does not clip; replays do)."""
         check_stage_name(name, f"stage {name!r}")
+        clip = check_clip_grad_norm(clip_grad_norm, f"stage {name}.clip_grad_norm")
         if kind not in STAGE_KINDS:
             raise StagetraceError(
                 f"stage kind {kind!r} is unknown. Fix: use one of {', '.join(STAGE_KINDS)}"
@@ -84,12 +125,23 @@ class Recorder:
             for i, a in enumerate(entry)
         )
         return StageRecording(
-            self, name, kind, data, seed, loss, batch_size, actions, optimizer_policy, log_batches
+            self,
+            name,
+            kind,
+            data,
+            seed,
+            loss,
+            batch_size,
+            actions,
+            optimizer_policy,
+            log_batches,
+            clip,
         )
 
     def finish(self) -> Trajectory:
-        """Mark the run complete and return its trajectory."""
+        """Mark the run complete, release the directory's lock and return its trajectory."""
         self.trajectory.mark_complete()
+        self.trajectory.close()
         return self.trajectory
 
 
@@ -108,15 +160,18 @@ class StageRecording:
         entry: tuple[EntryAction, ...],
         policy: str,
         log_batches: bool,
+        clip_grad_norm: float | None = None,
     ) -> None:
         self.recorder = recorder
         self.log_batches = log_batches
+        self.clip_grad_norm = clip_grad_norm
         self.name, self.kind, self.data, self.seed, self.loss = name, kind, data, seed, loss
         self.batch_size, self.entry, self.policy = batch_size, entry, policy
         self.optimizer: torch.optim.Optimizer | None = None
         self.batches: list[torch.Tensor] = []
         self.lrs: list[list[float]] = []
         self._pending: torch.Tensor | None = None
+        self._early: list[dict[str, torch.Tensor]] = []
 
     def __enter__(self) -> StageRecording:
         model = self.recorder.model
@@ -178,6 +233,9 @@ class StageRecording:
 
     def _before_step(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
         step = len(self.lrs)
+        if 1 <= step <= VERIFY_STEPS:
+            # the state after `step` steps, including anything the loop did after the last one
+            self._early.append(snapshot(self.recorder.model))
         if self._pending is None and not self.log_batches:
             self._pending = torch.zeros(0, dtype=torch.int64)
         if self._pending is None:
@@ -225,20 +283,57 @@ class StageRecording:
             schedule={"name": "recorded"},
             entry=self.entry,
             optimizer_policy=self.policy,
+            clip_grad_norm=self.clip_grad_norm,
         )
+        end = snapshot(self.recorder.model)
+        steps = StepLog.from_batches(self.lrs, self.batches)
+        if steps.has_batch_order:
+            check = self._verify(record, steps, [*self._early, end][:VERIFY_STEPS])
+            record = replace(record, verified=check.passed, verification=check)
         self.recorder.trajectory.append_stage(
             record,
             self.start,
-            snapshot(self.recorder.model),
+            end,
             self.optimizer_start,
             state_by_name(self.optimizer, self.names),
-            StepLog.from_batches(self.lrs, self.batches),
+            steps,
         )
+
+    def _verify(
+        self, record: StageRecord, steps: StepLog, recorded: list[dict[str, torch.Tensor]]
+    ) -> Verification:
+        """Replay the stage's first ``len(recorded)`` steps from its start as every replay
+        does, and compare the parameters and buffers after each with ``recorded``. The global
+        RNG and the user's model are left untouched; the replay runs with the thread count
+        recorded when the Recorder was created, as every later replay will."""
+        n = len(recorded)
+        first = replace(record, num_steps=n, checkpoint_every=None)
+        log = StepLog(steps.lr[:n], steps.offsets[: n + 1], steps.indices[: steps.offsets[n]])
+        traj = self.recorder.trajectory
+        differences: list[float] = []
+        # building and training draw random numbers
+        with torch.random.fork_rng(devices=[]), recorded_threads(traj):
+            try:
+                model = traj.model.call()
+                for earlier in (*traj.stages, record):
+                    add_adapters(model, earlier.entry, earlier.name)
+                load_state(model, self.start, f"start of stage {record.name}")
+                previous = traj.optimizer_state(len(traj.stages) - 1, "end") if traj.stages else {}
+
+                def compare(_stage: str, t: int, _steps: int, _loss: float) -> None:
+                    differences.append(max_abs_diff(snapshot(model), recorded[t]))
+
+                continue_stage(model, first, log, previous, compare)
+            except StagetraceError as exc:
+                return Verification(n, problem=str(exc))
+        failed = [t for t, d in enumerate(differences) if d != 0]
+        return Verification(n, failed[0] if failed else None, max(differences))
 
 
 def _check_reference(model: nn.Module, ref: Ref) -> None:
     """Fail early if ``ref`` does not rebuild a model with the same parameter names and shapes."""
-    rebuilt = {k: v.shape for k, v in ref.call().state_dict().items()}
+    with torch.random.fork_rng(devices=[]):  # leave the user's random state as it was
+        rebuilt = {k: v.shape for k, v in ref.call().state_dict().items()}
     actual = {k: v.shape for k, v in model.state_dict().items()}
     if rebuilt != actual:
         diff = sorted(set(rebuilt) ^ set(actual)) or sorted(

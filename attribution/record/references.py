@@ -2,21 +2,37 @@
 
 A trajectory must be replayable in a fresh process, so models, datasets and losses are recorded
 as import references with JSON keyword arguments, never as pickled objects.
+
+Trust boundary: a run directory may come from someone else, and a reference names code to run,
+so a reference resolves only into trusted modules: the project's own packages
+(``PROJECT_MODULES``) and those the user trusts, with ``trust("mypkg")``, the command line's
+``--trust-module mypkg`` or the environment variable ``STAGETRACE_TRUST=mypkg,other``. Anything
+else is refused before it is imported. The attribute must also be defined in a trusted module
+(a trusted module's import of ``os.system`` does not make ``os.system`` trusted).
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
+import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
+from types import ModuleType
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from attribution.record.errors import SpecError
+
+PROJECT_MODULES = ("attribution", "estimators", "experiments")
+TRUST_ENV = "STAGETRACE_TRUST"
+_trusted: set[str] = set()
+_MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
 def mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -64,7 +80,20 @@ class Ref:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     def call(self) -> Any:
-        return resolve(self.target)(**self.kwargs)
+        """Call the target with the keyword arguments; arguments it does not take are refused
+        (``SpecError``) before the call."""
+        target = resolve(self.target)
+        try:
+            inspect.signature(target).bind(**self.kwargs)
+        except TypeError as exc:
+            raise SpecError(
+                "kwargs",
+                f"{self.target} does not take the keyword arguments {dict(self.kwargs)} ({exc})",
+                "give only the arguments its signature names",
+            ) from exc
+        except ValueError:  # no signature to check (some builtins): the call will tell
+            pass
+        return target(**self.kwargs)
 
 
 def _plain(value: Any) -> Any:
@@ -76,8 +105,28 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def trust(*modules: str) -> None:
+    """Let references resolve into ``modules`` (and their submodules) in this process."""
+    for module in modules:
+        if not isinstance(module, str) or not _MODULE.fullmatch(module):
+            raise SpecError(
+                "trust", f"{module!r} is not a module name", "give a dotted name such as mypkg"
+            )
+    _trusted.update(modules)
+
+
+def trusted_modules() -> tuple[str, ...]:
+    """The project's packages, then those trusted by ``trust`` and by ``STAGETRACE_TRUST``."""
+    from_env = [m.strip() for m in os.environ.get(TRUST_ENV, "").split(",") if m.strip()]
+    return (*PROJECT_MODULES, *sorted(_trusted), *from_env)
+
+
+def is_trusted(module: str) -> bool:
+    return any(module == t or module.startswith(t + ".") for t in trusted_modules())
+
+
 def resolve(target: str) -> Any:
-    """Import ``"package.module:attribute"`` and return the attribute."""
+    """Import ``"package.module:attribute"`` from a trusted module and return the attribute."""
     module_name, _, attr = target.partition(":")
     if not module_name or not attr:
         raise SpecError(
@@ -85,6 +134,7 @@ def resolve(target: str) -> Any:
             f"{target!r} is not of the form 'package.module:attribute'",
             "write the reference as 'package.module:attribute'",
         )
+    _check_trusted(target, module_name)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -94,11 +144,25 @@ def resolve(target: str) -> Any:
             "install the package that defines it or correct the reference",
         ) from exc
     try:
-        return getattr(module, attr)
+        value = getattr(module, attr)
     except AttributeError as exc:
         raise SpecError(
             "target", f"module {module_name!r} has no attribute {attr!r}", "correct the reference"
         ) from exc
+    owner = value.__name__ if isinstance(value, ModuleType) else getattr(value, "__module__", None)
+    _check_trusted(target, owner or module_name)
+    return value
+
+
+def _check_trusted(target: str, module: str) -> None:
+    if not is_trusted(module):
+        top = module.partition(".")[0]
+        raise SpecError(
+            "target",
+            f"{target!r} names code in {module!r}, which is not trusted (a run directory or "
+            f"behaviours file may come from someone else; trusted: {', '.join(trusted_modules())})",
+            f"if you trust {top!r}, pass --trust-module {top} or set {TRUST_ENV}={top}",
+        )
 
 
 def loss_function(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

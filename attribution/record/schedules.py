@@ -51,15 +51,47 @@ class ScheduleSpec:
             )
         if name == "step" and "step_size" not in params:
             raise SpecError(f"{where}.step_size", "missing", "give the number of steps per decay")
+        for key, value in params.items():
+            _check_value(f"{where}.{key}", key, value)
         return cls(name, params)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, **self.params}
 
-    def multipliers(self, total: int) -> list[float]:
-        """The factor applied to the base learning rate at steps 0..total-1."""
+    def multipliers(self, total: int, where: str = "schedule") -> list[float]:
+        """The factor applied to the base learning rate at steps 0..total-1; a warm-up longer
+        than the stage is refused (the rate would never reach its base value)."""
         p = {**DEFAULTS, **self.params}
+        if int(p["warmup"]) > total:
+            raise SpecError(
+                f"{where}.warmup",
+                f"a warm-up of {p['warmup']} steps is longer than the stage ({total} steps), so "
+                "the learning rate would never reach its base value",
+                f"give a warm-up of at most {total} steps, or train longer",
+            )
         return [_multiplier(self.name, p, t, total) for t in range(total)]
+
+
+FIXES = {
+    "warmup": "give the number of warm-up steps, e.g. 10",
+    "step_size": "give the number of steps per decay, e.g. 100",
+    "gamma": "give the decay factor per step_size steps, e.g. 0.1",
+    "min_factor": "give the final rate as a fraction of the base rate, e.g. 0.0",
+    "end_factor": "give the final rate as a fraction of the base rate, e.g. 0.0",
+}
+
+
+def _check_value(where: str, key: str, value: Any) -> None:
+    """Step counts are whole numbers (``warmup`` >= 0, ``step_size`` >= 1); factors lie in
+    [0, 1] and ``gamma`` in (0, 1]."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if key in ("warmup", "step_size"):
+        low = 0 if key == "warmup" else 1
+        if not (number and float(value).is_integer() and value >= low):
+            raise SpecError(where, f"expected a whole number >= {low}, got {value!r}", FIXES[key])
+    elif not (number and (0 < value <= 1 if key == "gamma" else 0 <= value <= 1)):
+        bounds = "(0, 1]" if key == "gamma" else "[0, 1]"
+        raise SpecError(where, f"expected a number in {bounds}, got {value!r}", FIXES[key])
 
 
 def _cosine(progress: float, min_factor: float) -> float:

@@ -7,6 +7,7 @@ rates), which is what the trajectory stores and what every replay reads.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,26 @@ def check_stage_name(name: Any, where: str) -> None:
             f"stage name {name!r} is not usable as a folder name",
             "use letters, digits, '_', '.' and '-' only",
         )
+
+
+def check_clip_grad_norm(value: Any, where: str) -> float | None:
+    """A gradient-clipping threshold: None (no clipping) or a positive finite number, the
+    ``max_norm`` of ``torch.nn.utils.clip_grad_norm_`` (total 2-norm over the trained
+    parameters' gradients, applied after backward and before the optimizer step)."""
+    if value is None:
+        return None
+    if (
+        not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise SpecError(
+            where,
+            f"expected a positive number (the max_norm of clip_grad_norm_), got {value!r}",
+            "give the total gradient norm to clip to, e.g. 1.0, or remove the setting",
+        )
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -125,7 +146,9 @@ class StageSpec:
     """One declared stage. Exactly one of ``steps`` and ``epochs`` is set.
 
     ``checkpoint_every = N`` saves the state before steps N, 2N, ... of the stage (see
-    ``Trajectory.inner_steps``); None saves only the stage's boundaries.
+    ``Trajectory.inner_steps``); None saves only the stage's boundaries. ``clip_grad_norm``
+    clips the gradients of the trained parameters to that total norm before every step (None:
+    no clipping).
     """
 
     name: str
@@ -142,6 +165,7 @@ class StageSpec:
     entry: tuple[EntryAction, ...] = ()
     optimizer_policy: str = "reset"
     checkpoint_every: int | None = None
+    clip_grad_norm: float | None = None
 
     @classmethod
     def from_dict(cls, name: str, obj: Any, where: str) -> StageSpec:
@@ -170,6 +194,9 @@ class StageSpec:
             entry=entry,
             optimizer_policy=obj.get("optimizer_policy", "reset"),
             checkpoint_every=obj.get("checkpoint_every"),
+            clip_grad_norm=check_clip_grad_norm(
+                obj.get("clip_grad_norm"), f"{where}.clip_grad_norm"
+            ),
         )
         stage.validate(where)
         return stage
@@ -203,6 +230,7 @@ class StageSpec:
                 f"expected an integer >= 1, got {every!r}",
                 "set the number of steps between saved states inside the stage, or remove it",
             )
+        check_clip_grad_norm(self.clip_grad_norm, f"{where}.clip_grad_norm")
         length = "steps" if self.steps is not None else "epochs"
         value = getattr(self, length)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -281,6 +309,8 @@ def _stage_dict(stage: StageSpec) -> dict[str, Any]:
     }
     if stage.checkpoint_every is not None:
         out["checkpoint_every"] = stage.checkpoint_every
+    if stage.clip_grad_norm is not None:
+        out["clip_grad_norm"] = stage.clip_grad_norm
     return (
         {**out, "steps": stage.steps}
         if stage.steps is not None

@@ -3,11 +3,13 @@
 Tensors are always serialised with safetensors, in memory too, so a stored checkpoint can never
 alias a live tensor and both stores behave identically. Disk writes are atomic: a file is written
 under a temporary name, flushed, and renamed into place, so a crash leaves either the old file or
-the new one, never half of one.
+the new one, never half of one. ``FileLock`` is the one lock of the project: an exclusive
+``flock`` on a file, which the kernel drops when its holder dies, so no lock outlives its process.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -24,6 +26,19 @@ from attribution.record.errors import TrajectoryError
 
 REWRITE = "re-record the run, or restore the file from a backup"
 FILE_MODE = 0o644
+
+
+def canonical(data: bytes) -> bytes:
+    """safetensors bytes with the metadata in sorted key order. safetensors writes its metadata
+    map in an order that changes from process to process, so identical content would get
+    different bytes and checksums; sorting makes the same content the same bytes."""
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + size :]
 
 
 class Store:
@@ -47,7 +62,7 @@ class Store:
     ) -> str:
         """Store detached contiguous CPU copies of ``tensors``; return the file's sha256."""
         plain = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        data = save_tensors(plain, metadata=metadata)
+        data = canonical(save_tensors(plain, metadata=metadata))
         self.put(name, data)
         return hashlib.sha256(data).hexdigest()
 
@@ -121,6 +136,68 @@ class DiskStore(Store):
 
     def where(self, name: str) -> str:
         return str(self.root / name)
+
+
+class FileLock:
+    """An exclusive ``flock`` on the file ``path``, held until ``release()`` or until the process
+    ends: the kernel releases it when its holder exits or is killed, so a lock left by a dead
+    process blocks no one. The holder deletes the file when it releases the lock; a taker that
+    locked a file deleted meanwhile notices (another inode is, or none is, at ``path``) and
+    tries again, so a lock is never held twice. Take with ``take``."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd: int | None = fd
+
+    @classmethod
+    def take(cls, path: Path, wait: bool) -> FileLock | None:
+        """Lock ``path`` (created empty if absent, with its folder), waiting for its holder if
+        ``wait``; without ``wait``, None when another holds it (another process, or another
+        ``FileLock`` of this one). Raises OSError when the file cannot be created or opened
+        (e.g. in a read-only directory)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+                if _same_file(fd, path):
+                    return cls(path, fd)
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)  # its holder deleted it while this process waited: lock the new one
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        """Delete the file and drop the lock; later calls do nothing."""
+        if self._fd is None:
+            return
+        try:
+            if _same_file(self._fd, self.path):
+                self.path.unlink()
+        except OSError:
+            pass  # a file left behind is harmless: the next taker locks it
+        os.close(self._fd)
+        self._fd = None
+
+    def __del__(self) -> None:
+        self.release()
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether the open file ``fd`` is the file now at ``path``."""
+    try:
+        here = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (mine.st_dev, mine.st_ino) == (here.st_dev, here.st_ino)
 
 
 def _fsync_directory(folder: Path) -> None:

@@ -12,19 +12,24 @@ Layout of a trajectory directory (see docs/trajectory.md)::
     stages/NN-<name>/inner/step-TTTTTT.safetensors   parameters and buffers before step T
                                           (only for stages recorded with checkpoint_every)
 
+    .lock                                 while a process records into the directory
+
 Files are written before the manifest that lists them, each atomically, so an interrupted run
-leaves a manifest that lists only complete stages.
+leaves a manifest that lists only complete stages. One process at a time records into a
+directory (``.lock``). Derived results (counterfactuals, embeddings) go to the trajectory's
+``cache``: the directory itself by default, another directory, or memory.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -35,13 +40,71 @@ from attribution.record.errors import StagetraceError, TrajectoryError, UnknownS
 from attribution.record.optim import HYPERPARAMETERS, OptimizerState
 from attribution.record.references import Ref
 from attribution.record.spec import ENTRY_KINDS, POLICIES, STAGE_KINDS, EntryAction, is_safe_name
-from attribution.record.store import REWRITE, DiskStore, MemoryStore, Store
+from attribution.record.store import REWRITE, DiskStore, FileLock, MemoryStore, Store
 
 SCHEMA = "stagetrace.trajectory"
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 FILE_ROLES = ("start", "end", "optimizer_start", "optimizer_end", "steps")
 REPAIR = "re-record the run, or repair the manifest by hand following docs/trajectory.md"
+LOCK = ".lock"
+"""The file a process holds an exclusive flock on while it records into a directory, or computes
+a derived result in a folder of the cache (docs/trajectory.md, section 1)."""
+
+Cache = Path | str | Literal[False] | None
+"""Where a trajectory keeps derived results: None the trajectory itself, a directory path, or
+False for memory (nothing written)."""
+
+
+@dataclass(frozen=True)
+class Environment:
+    """What, besides the record, decides a CPU run's floating-point results: the torch version,
+    the intra-op thread count (it changes how kernels split sums), the deterministic-algorithms
+    flag, the device and the CPU kernels torch dispatches to (``cpu``, e.g. "AVX2"; None where
+    torch does not say). Replays and retraining apply ``threads`` and ``deterministic``
+    (``pipeline.recorded_threads``); the others they cannot change, so they name them."""
+
+    torch: str
+    threads: int
+    deterministic: bool
+    device: str = "cpu"
+    cpu: str | None = None
+
+    @classmethod
+    def current(cls) -> Environment:
+        """The environment of this process (stagetrace trains on the CPU only)."""
+        try:
+            cpu: str | None = torch.backends.cpu.get_cpu_capability()
+        except AttributeError:  # torch < 2.1
+            cpu = None
+        return cls(
+            torch=torch.__version__,
+            threads=torch.get_num_threads(),
+            deterministic=torch.are_deterministic_algorithms_enabled(),
+            cpu=cpu,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest's ``environment`` object."""
+        return {
+            "torch": self.torch,
+            "threads": self.threads,
+            "deterministic_algorithms": self.deterministic,
+            "device": self.device,
+            "cpu_capability": self.cpu,
+        }
+
+    def differences(self, now: Environment, verb: str = "replayed") -> tuple[str, ...]:
+        """What differs between this (recorded) environment and ``now`` that a replay cannot
+        set back, e.g. "recorded with torch 2.12.0, replayed with 2.13.0"."""
+        notes = []
+        if self.torch != now.torch:
+            notes.append(f"recorded with torch {self.torch}, {verb} with {now.torch}")
+        if self.device != now.device:
+            notes.append(f"recorded on {self.device}, {verb} on {now.device}")
+        if self.cpu is not None and now.cpu is not None and self.cpu != now.cpu:
+            notes.append(f"recorded with {self.cpu} CPU kernels, {verb} with {now.cpu}")
+        return tuple(notes)
 
 
 @dataclass(frozen=True)
@@ -52,9 +115,52 @@ class ParamGroup:
     hyper: Mapping[str, Any]
 
 
+REPLAY_CAUSES = (
+    "the loop modified gradients or parameters outside the optimizer step (gradient clipping "
+    "not declared, gradient accumulation, a second optimizer, ...), or computed the loss "
+    "otherwise than loss(model(inputs), targets) on the logged batch"
+)
+
+
+@dataclass(frozen=True)
+class Verification:
+    """The check a ``Recorder`` makes when a stage ends: its first ``steps`` steps replayed from
+    the stage's start by ``train_stage``, compared with what the user's loop produced.
+
+    ``step`` is the first step (0-based) after which parameters or buffers differ (None: none
+    did); ``difference`` the largest absolute difference over the checked steps; ``problem``
+    says why the replay could not run at all (e.g. the data reference does not load).
+    """
+
+    steps: int
+    step: int | None = None
+    difference: float = 0.0
+    problem: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.step is None and self.problem is None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "steps": self.steps,
+            "step": self.step,
+            "difference": self.difference,
+        }
+        if self.problem is not None:
+            out["problem"] = self.problem
+        return out
+
+
 @dataclass(frozen=True)
 class StageRecord:
-    """What a stage did, resolved to explicit parameter names, seeds and counts."""
+    """What a stage did, resolved to explicit parameter names, seeds and counts.
+
+    ``clip_grad_norm``: the gradients of the trained parameters were clipped to that total
+    2-norm before every step (None: not clipped). ``verified``: whether the stage's steps are
+    known to replay exactly (True for declared pipelines, the outcome of ``verification`` for
+    Recorder stages, None when not checked: older manifests, stages without batch order).
+    """
 
     name: str
     kind: str
@@ -69,6 +175,9 @@ class StageRecord:
     entry: tuple[EntryAction, ...] = ()
     optimizer_policy: str = "reset"
     checkpoint_every: int | None = None
+    clip_grad_norm: float | None = None
+    verified: bool | None = None
+    verification: Verification | None = None
 
     @property
     def trainable(self) -> tuple[str, ...]:
@@ -76,7 +185,8 @@ class StageRecord:
         return tuple(n for g in self.groups for n in g.params)
 
     def to_dict(self) -> dict[str, Any]:
-        """The manifest's stage object, less ``files`` (``checkpoint_every`` only when set)."""
+        """The manifest's stage object, less ``files`` (``checkpoint_every``, ``clip_grad_norm``,
+        ``verified`` and ``verification`` only when set)."""
         out = {
             "name": self.name,
             "kind": self.kind,
@@ -95,6 +205,12 @@ class StageRecord:
         }
         if self.checkpoint_every is not None:
             out["checkpoint_every"] = self.checkpoint_every
+        if self.clip_grad_norm is not None:
+            out["clip_grad_norm"] = self.clip_grad_norm
+        if self.verified is not None:
+            out["verified"] = self.verified
+        if self.verification is not None:
+            out["verification"] = self.verification.to_dict()
         return out
 
     def checkpoint_steps(self) -> list[int]:
@@ -150,7 +266,27 @@ class StageRecord:
             checkpoint_every=None
             if obj.get("checkpoint_every") is None
             else check.integer(obj["checkpoint_every"], "checkpoint_every", minimum=1),
+            clip_grad_norm=check.positive(obj.get("clip_grad_norm"), "clip_grad_norm"),
+            verified=check.optional_bool(obj.get("verified"), "verified"),
+            verification=None
+            if obj.get("verification") is None
+            else _verification(check, obj["verification"]),
         )
+
+
+def _verification(check: _Checker, obj: Any) -> Verification:
+    obj = check.mapping(obj, "verification")
+    step = obj.get("step")
+    difference = obj.get("difference", 0.0)
+    if not isinstance(difference, (int, float)) or isinstance(difference, bool):
+        check.fail("verification.difference", f"expected a number, got {difference!r}")
+    problem = obj.get("problem")
+    return Verification(
+        steps=check.integer(obj.get("steps"), "verification.steps", minimum=0),
+        step=None if step is None else check.integer(step, "verification.step", minimum=0),
+        difference=float(difference),
+        problem=None if problem is None else check.string(problem, "verification.problem"),
+    )
 
 
 @dataclass(frozen=True)
@@ -195,10 +331,51 @@ class Trajectory:
     Create with ``Trajectory.create`` (new, empty) or ``Trajectory.open`` (existing, validated).
     """
 
-    def __init__(self, store: Store, manifest: dict[str, Any], stages: list[StageRecord]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        manifest: dict[str, Any],
+        stages: list[StageRecord],
+        cache: Cache = None,
+    ) -> None:
         self.store = store
         self._manifest = manifest
         self.stages = stages
+        self._cache = cache
+        self._memory = MemoryStore() if cache is False else None
+        self._lock: FileLock | None = None
+
+    @property
+    def cache(self) -> Store:
+        """Where derived results (counterfactuals, embeddings) are read and written: the
+        trajectory's own store by default; for a cache directory DIR, ``DIR/<the first 16 hex
+        digits of the fingerprint>`` (one folder per recording, so one DIR serves many runs);
+        with ``cache=False`` memory held by this object, so nothing is written."""
+        if self._memory is not None:
+            return self._memory
+        if self._cache is None:
+            return self.store
+        return DiskStore(Path(self._cache) / self.fingerprint()[:16])
+
+    def with_cache(self, cache: Cache) -> Trajectory:
+        """The same run (sharing its manifest and stages) with derived results kept in
+        ``cache`` (see ``cache``); the recording lock, if any, stays with this object."""
+        return Trajectory(self.store, self._manifest, self.stages, cache)
+
+    @property
+    def environment(self) -> Environment | None:
+        """The recording process's environment (None for manifests written before it was
+        recorded)."""
+        env = self._manifest.get("environment")
+        if env is None:
+            return None
+        return Environment(
+            torch=env["torch"],
+            threads=env["threads"],
+            deterministic=env["deterministic_algorithms"],
+            device=env.get("device", "cpu"),
+            cpu=env.get("cpu_capability"),
+        )
 
     @property
     def root(self) -> Path | None:
@@ -223,25 +400,59 @@ class Trajectory:
 
     @classmethod
     def create(
-        cls, root: Path | str | None, model: Ref, pipeline: dict[str, Any] | None = None
+        cls,
+        root: Path | str | None,
+        model: Ref,
+        pipeline: dict[str, Any] | None = None,
+        *,
+        resume: bool = False,
     ) -> Trajectory:
-        """A new empty trajectory under ``root`` (None: in memory).
+        """A new empty trajectory under ``root`` (None: in memory), for this process to record.
 
-        Refuses to overwrite a trajectory that records any stage; one that records none (a run
-        that failed in its first stage) holds no results and is replaced.
+        On disk, the directory's ``.lock`` is taken first and held until ``close()`` (or the
+        process ends): a directory another process records into is refused. Refuses to
+        overwrite a trajectory that records any stage, except that with ``resume`` one recording
+        the same ``pipeline`` is returned (locked) to be continued; one that records none (a
+        run that failed in its first stage) holds no results and is replaced.
         """
         store: Store = MemoryStore() if root is None else DiskStore(root)
-        if store.exists(MANIFEST) and cls.from_store(store).stages:
-            raise TrajectoryError(
-                store.where(MANIFEST),
-                "a trajectory is already recorded here",
-                "choose a new directory, or delete this one to record again",
-            )
+        lock = None if root is None else _take_recording_lock(Path(root))
+        try:
+            traj = cls._create_or_resume(store, model, pipeline, resume)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        traj._lock = lock
+        return traj
+
+    @classmethod
+    def _create_or_resume(
+        cls, store: Store, model: Ref, pipeline: dict[str, Any] | None, resume: bool
+    ) -> Trajectory:
+        if store.exists(MANIFEST):
+            existing = cls.from_store(store)
+            if existing.stages and not resume:
+                raise TrajectoryError(
+                    store.where(MANIFEST),
+                    "a trajectory is already recorded here",
+                    "choose a new directory, or delete this one to record again",
+                )
+            if existing.stages:
+                if _canonical(existing.pipeline) != _canonical(pipeline):
+                    raise TrajectoryError(
+                        store.where(MANIFEST),
+                        "holds a run of a different pipeline",
+                        "choose a new directory for this configuration",
+                        field="pipeline",
+                    )
+                return existing
         manifest = {
             "schema": SCHEMA,
             "schema_version": SCHEMA_VERSION,
             "sign_convention": SIGN_CONVENTION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "environment": Environment.current().to_dict(),
             "model": model.to_dict(),
             "pipeline": pipeline,
             "complete": False,
@@ -251,9 +462,17 @@ class Trajectory:
         traj._write_manifest()
         return traj
 
+    def close(self) -> None:
+        """Release the recording lock if this object holds one (``create``); the trajectory
+        stays readable. Called when a recording ends; a killed process releases it too."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
     @classmethod
-    def open(cls, root: Path | str) -> Trajectory:
-        """Open and validate a trajectory directory; errors name the file and the field."""
+    def open(cls, root: Path | str, cache: Cache = None) -> Trajectory:
+        """Open and validate a trajectory directory; errors name the file and the field.
+        Opening writes nothing; ``cache`` says where derived results go (see ``cache``)."""
         root = Path(root)
         if root.name == MANIFEST and root.is_file():
             root = root.parent
@@ -266,10 +485,10 @@ class Trajectory:
                 "give a trajectory directory (the one holding manifest.json) or a Hydra run "
                 "directory with a trajectory/ folder",
             )
-        return cls.from_store(DiskStore(root))
+        return cls.from_store(DiskStore(root), cache)
 
     @classmethod
-    def from_store(cls, store: Store) -> Trajectory:
+    def from_store(cls, store: Store, cache: Cache = None) -> Trajectory:
         path = store.where(MANIFEST)
         manifest = store.get_json(MANIFEST)
         check = _Checker(path, "")
@@ -310,7 +529,9 @@ class Trajectory:
             stages.append(record)
         if len({s.name for s in stages}) != len(stages):
             check.fail("stages", "stage names are not unique")
-        return cls(store, manifest, stages)
+        if manifest.get("environment") is not None:
+            _check_environment(check, manifest["environment"])
+        return cls(store, manifest, stages, cache)
 
     def index(self, stage: str | int) -> int:
         """The position of a stage given by name or index."""
@@ -319,6 +540,39 @@ class Trajectory:
         if stage in self.names:
             return self.names.index(stage)
         raise UnknownStageError(str(stage), self.names)
+
+    def check_replayable(self, stage: str | int) -> None:
+        """Refuse a stage whose recorded steps are known not to replay exactly (a Recorder
+        stage whose record-time check failed, ``verified: false``): replays, retraining and the
+        estimators that replay it would run other steps than the user's loop did. Stages not
+        checked (``verified`` absent) pass; a missing batch order is refused where it is used.
+        """
+        i = self.index(stage)
+        record = self.stages[i]
+        if record.verified is not False:
+            return
+        check = record.verification
+        if check is not None and check.problem is not None:
+            problem = f"could not be replayed when it was recorded ({check.problem})"
+        elif check is not None and check.step is not None:
+            problem = (
+                f"does not replay: when it was recorded, step {check.step} replayed from the "
+                f"stage's start differed from the loop's result by up to {check.difference:.3g} "
+                f"(of the first {check.steps} steps checked); likely cause: {REPLAY_CAUSES}"
+            )
+        else:
+            problem = f"was recorded as not replaying exactly; likely cause: {REPLAY_CAUSES}"
+        raise TrajectoryError(
+            self.store.where(MANIFEST),
+            problem,
+            "make the replay repeat what the loop does (declare gradient clipping with "
+            "Recorder.stage(..., clip_grad_norm=max_norm); remove other changes from the loop) "
+            "and record the stage again; estimators that need no replay (e0, e1) can still "
+            "audit this run",
+            field=f"stages[{i}].verified",
+            stage=record.name,
+            step=None if check is None else check.step,
+        )
 
     def _file(self, stage: str | int, role: str) -> tuple[str, str]:
         info = self._manifest["stages"][self.index(stage)]["files"][role]
@@ -472,6 +726,44 @@ class Trajectory:
         self.store.put_json(MANIFEST, self._manifest)
 
 
+def _take_recording_lock(root: Path) -> FileLock:
+    """The lock on ``root/.lock`` for a recording, or an error naming the directory."""
+    try:
+        lock = FileLock.take(root / LOCK, wait=False)
+    except OSError as exc:
+        raise TrajectoryError(
+            root,
+            f"cannot be recorded into ({exc.strerror or exc})",
+            "record into a directory this process can write",
+        ) from exc
+    if lock is None:
+        raise TrajectoryError(
+            root,
+            f"another recording is in progress in this directory (its lock {root / LOCK} is held)",
+            "wait for that recording to finish and run again (an interrupted run resumes), or "
+            "record into another directory",
+        )
+    return lock
+
+
+def _canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True)
+
+
+def _check_environment(check: _Checker, obj: Any) -> None:
+    env = check.mapping(obj, "environment")
+    check.string(env.get("torch"), "environment.torch")
+    check.integer(env.get("threads"), "environment.threads", minimum=1)
+    if not isinstance(env.get("deterministic_algorithms"), bool):
+        check.fail(
+            "environment.deterministic_algorithms",
+            f"expected true or false, got {env.get('deterministic_algorithms')!r}",
+        )
+    check.string(env.get("device", "cpu"), "environment.device")
+    if env.get("cpu_capability") is not None:
+        check.string(env["cpu_capability"], "environment.cpu_capability")
+
+
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     """A detached copy of a model's parameters and buffers (never aliasing live tensors)."""
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -556,6 +848,24 @@ class _Checker:
             raise TrajectoryError(
                 store.where(name), f"file of stage {stage!r} ({role}) is missing", REWRITE
             )
+
+    def positive(self, value: Any, field: str) -> float | None:
+        """None, or a positive finite number."""
+        if value is None:
+            return None
+        if (
+            not isinstance(value, (int, float))
+            or isinstance(value, bool)
+            or not math.isfinite(value)
+            or value <= 0
+        ):
+            self.fail(field, f"expected a positive number or null, got {value!r}")
+        return float(value)
+
+    def optional_bool(self, value: Any, field: str) -> bool | None:
+        if value is not None and not isinstance(value, bool):
+            self.fail(field, f"expected true, false or null, got {value!r}")
+        return value
 
     def choice(self, value: Any, field: str, choices: tuple[str, ...]) -> str:
         if value not in choices:

@@ -81,6 +81,53 @@ def test_first_stage_equals_a_hand_written_torch_loop(optimizer):
     assert max_abs_diff(model.state_dict(), traj.checkpoint("only", "end")) < 1e-6
 
 
+@pytest.mark.parametrize("optimizer", [tiny.SGD_MOMENTUM, tiny.ADAMW], ids=["sgd", "adamw"])
+def test_clipped_stage_equals_a_hand_written_loop_with_clip_grad_norm(optimizer):
+    """``clip_grad_norm``: ``torch.nn.utils.clip_grad_norm_`` over the model's parameters after
+    backward, before the step; bit for bit (a constant rate: no scheduler arithmetic enters)."""
+    lr, max_norm = (0.05 if optimizer is tiny.SGD_MOMENTUM else 1e-3), 0.2
+    cfg = tiny.config(
+        only=tiny.stage("pretrain", 5, optimizer, lr, steps=8, clip_grad_norm=max_norm)
+    )
+    traj = run(cfg)
+    assert (traj.stages[0].clip_grad_norm, traj.stages[0].verified) == (max_norm, True)
+    torch.manual_seed(0)
+    model = MLP(hidden=[16])
+    hyper = {k: v for k, v in optimizer.items() if k != "type"}
+    opt = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}[optimizer["type"]](
+        model.parameters(), lr=lr, **hyper
+    )
+    x, y = load_dataset(traj.stages[0].data).tensors
+    clipped = 0
+    for idx in sample_batches(len(y), 32, 8, seed=5):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        clipped += bool(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm) > max_norm)
+        opt.step()
+    assert clipped == 8
+    assert_same_state(model.state_dict(), traj.checkpoint("only", "end"))
+    unclipped = run(tiny.config(only=tiny.stage("pretrain", 5, optimizer, lr, steps=8)))
+    assert max_abs_diff(final(unclipped), final(traj)) > 1e-4
+
+
+def test_declared_clipping_replays_bit_for_bit_and_is_kept_by_counterfactuals(tmp_path):
+    """Clipping in two of three stages (carry policy, a LoRA stage that trains only some
+    parameters): the replay reproduces every checkpoint and optimizer state, the manifest keeps
+    the setting, and skipping a stage equals declaring the pipeline without it."""
+    cfg = tiny.three_stage("carry")
+    cfg["stages"]["finetune"]["clip_grad_norm"] = 0.2
+    cfg["stages"]["adapt"]["clip_grad_norm"] = 0.05
+    traj = run(cfg, tmp_path / "run")
+    reopened = Trajectory.open(tmp_path / "run")
+    assert [s.clip_grad_norm for s in reopened.stages] == [None, 0.2, 0.05]
+    assert [s.verified for s in reopened.stages] == [True, True, True]
+    diffs = replay(reopened)
+    assert [(d.start, d.end, d.optimizer) for d in diffs] == [(0.0, 0.0, 0.0)] * 3
+    for stage in ("pretrain", "finetune"):
+        assert_same_state(skip_stage(traj, stage).state, final(run(without(cfg, stage))))
+    assert max_abs_diff(final(run(tiny.three_stage("carry"))), final(traj)) > 0
+
+
 @pytest.mark.parametrize(
     "name,optimizer",
     [

@@ -48,3 +48,37 @@ def test_warmup_schedules_closed_form():
 def test_bad_schedules_name_the_field(bad):
     with pytest.raises(SpecError, match=r"stage\.schedule"):
         ScheduleSpec.from_dict(bad, "stage.schedule")
+
+
+@pytest.mark.parametrize(
+    ("bad", "field"),
+    [
+        ({"name": "warmup_linear", "warmup": -1}, "warmup"),
+        ({"name": "warmup_linear", "warmup": 2.5}, "warmup"),
+        ({"name": "step", "step_size": 0}, "step_size"),
+        ({"name": "step", "step_size": 3, "gamma": 0}, "gamma"),
+        ({"name": "cosine", "min_factor": 1.5}, "min_factor"),
+        ({"name": "warmup_linear", "end_factor": "low"}, "end_factor"),
+    ],
+)
+def test_out_of_range_schedule_values_name_the_field_and_the_fix(bad, field):
+    with pytest.raises(SpecError, match=rf"stage\.schedule\.{field}: expected .*Fix: give"):
+        ScheduleSpec.from_dict(bad, "stage.schedule")
+
+
+def test_a_warmup_longer_than_the_stage_is_refused():
+    spec = ScheduleSpec.from_dict({"name": "warmup_cosine", "warmup": 1000}, "s")
+    with pytest.raises(SpecError, match=r"stage\.schedule\.warmup: a warm-up of 1000 steps .* 20"):
+        spec.multipliers(20, "stage.schedule")
+    assert spec.multipliers(1000)[-1] == 1.0
+
+
+def test_a_declared_pipeline_with_a_too_long_warmup_is_refused_before_training(tmp_path):
+    from attribution.record.pipeline import run_pipeline
+    from attribution.record.spec import PipelineSpec
+    from tests.attribution.tiny import make_tiny_config
+
+    config = make_tiny_config(finetune={"schedule": {"name": "warmup_linear", "warmup": 1000}})
+    with pytest.raises(SpecError, match=r"pipeline\.stages\.finetune\.schedule\.warmup"):
+        run_pipeline(PipelineSpec.from_dict(config), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

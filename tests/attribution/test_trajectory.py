@@ -6,7 +6,7 @@ import pytest
 
 from attribution.record import SIGN_CONVENTION
 from attribution.record.errors import SpecError, TrajectoryError
-from attribution.record.pipeline import run_pipeline
+from attribution.record.pipeline import replay, run_pipeline
 from attribution.record.spec import PipelineSpec
 from attribution.record.trajectory import SCHEMA_VERSION, StageRecord, Trajectory
 from tests.attribution import tiny
@@ -80,3 +80,29 @@ def test_unsafe_stage_names_are_refused_before_anything_runs():
     cfg = tiny.config(**{"a/b": tiny.stage("pretrain", 1, tiny.SGD_MOMENTUM, 0.05)})
     with pytest.raises(SpecError, match="folder name"):
         PipelineSpec.from_dict(cfg)
+
+
+def test_a_manifest_without_the_newer_stage_fields_opens_as_unclipped_and_unchecked(tmp_path):
+    """Manifests written before ``clip_grad_norm`` and ``verified`` existed: no clipping, not
+    checked (so not refused). Shown on a run that did clip its second stage: stripped of the
+    field, its replay no longer reaches the recorded end of that stage, while the first is exact.
+    """
+    cfg = tiny.config(
+        a=tiny.stage("pretrain", 1, tiny.SGD_MOMENTUM, 0.05),
+        b=tiny.stage("finetune", 2, tiny.ADAMW, 1e-3, clip_grad_norm=0.05),
+    )
+    run_pipeline(PipelineSpec.from_dict(cfg), tmp_path / "run")
+    path = tmp_path / "run" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    assert [s.get("clip_grad_norm") for s in manifest["stages"]] == [None, 0.05]
+    assert [s["verified"] for s in manifest["stages"]] == [True, True]
+    for stage in manifest["stages"]:
+        stage.pop("clip_grad_norm", None)
+        stage.pop("verified")
+    path.write_text(json.dumps(manifest))
+    traj = Trajectory.open(tmp_path / "run")
+    assert [(s.clip_grad_norm, s.verified, s.verification) for s in traj.stages] == [
+        (None, None, None)
+    ] * 2
+    diffs = replay(traj)
+    assert (diffs[0].end, diffs[1].start) == (0.0, 0.0) and diffs[1].end > 0

@@ -106,6 +106,54 @@ def test_every_step_matches_torch_optim(case, dtype):
         assert_same(live, optimizer, params, state, dtype)
 
 
+def total_norm(grads):
+    return float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads.values()])))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", CASES)
+def test_clipped_steps_match_torch_optim_with_clip_grad_norm(case, dtype):
+    """torch: backward, ``clip_grad_norm_`` over the parameters, ``optimizer.step()``. The
+    threshold lies inside the range of the gradients' norms, so some steps clip and some not."""
+    params, live, optimizer, rule = setup(case, dtype)
+    norms = [total_norm(toy_grads(params))]
+    max_norm = 1.5
+    rule = StepRule(rule.kind, rule.hyper, clip_grad_norm=max_norm)
+    fresh, state = rule.fresh({}), rule.init_state(params, {})
+    for t in range(50):
+        for group, name in zip(optimizer.param_groups, "ab", strict=True):
+            group["lr"] = toy_lrs(t)[name]
+        with torch.no_grad():
+            torch_grads = toy_grads(live)
+            for name, p in live.items():
+                p.grad = torch_grads[name].clone()
+        torch.nn.utils.clip_grad_norm_(live.values(), max_norm)
+        clipped = rule.clipped(torch_grads)
+        for name, p in live.items():  # on the same gradients, torch's clipping bit for bit
+            assert torch.equal(clipped[name], p.grad), (t, name)
+        grads = toy_grads(params)
+        norms.append(total_norm(grads))
+        optimizer.step()
+        params, state = rule.step(
+            params, state, grads, toy_lrs(t), fresh if t == 0 else frozenset()
+        )
+        assert_same(live, optimizer, params, state, dtype)
+    assert min(norms) < max_norm < max(norms), norms
+
+
+def test_clipping_scales_by_max_norm_over_the_total_norm():
+    """Closed form: gradients of total norm 5 clipped to 2 are scaled by 2 / (5 + 1e-6); below
+    the threshold they pass unscaled."""
+    grads = {"a": torch.tensor([3.0, 0.0], dtype=torch.float64), "b": torch.tensor([4.0])}
+    grads["b"] = grads["b"].double()
+    rule = StepRule("sgd", dict.fromkeys("ab", HYPERPARAMETERS["sgd"]), clip_grad_norm=2.0)
+    clipped = rule.clipped(grads)
+    for name in "ab":
+        torch.testing.assert_close(clipped[name], grads[name] * (2.0 / (5.0 + 1e-6)))
+    loose = StepRule("sgd", rule.hyper, clip_grad_norm=6.0).clipped(grads)
+    assert all(torch.equal(loose[n], grads[n]) for n in "ab")
+
+
 @pytest.mark.parametrize("case", STATEFUL)
 def test_continuing_from_a_carried_state_matches_torch_optim(case):
     """Carry policy: "a" keeps torch's state after 5 steps, "b" starts fresh (re-initialised)."""
@@ -141,17 +189,20 @@ def test_step_is_pure_and_updates_only_parameters_with_gradients():
         rule.step(params, state, {"c": params["a"]}, {"c": 0.1})
 
 
-@pytest.fixture(scope="module", params=["nesterov", "adamw"])
+@pytest.fixture(scope="module", params=["nesterov", "adamw", "nesterov-clipped", "adamw-clipped"])
 def recorded(request):
     """Two recorded stages: "pre" (reset, all trained) and "post" (carry, two groups with
-    different hyperparameters, fc1.weight frozen)."""
+    different hyperparameters, fc1.weight frozen; its groups list head.* before fc1.bias, not
+    in model order). The clipped variants clip both stages' gradients to ``CLIP``."""
+    kind, _, clipped = request.param.partition("-")
     optimizer, lr, override = {
         "nesterov": (tiny.NESTEROV, 0.05, {"momentum": 0.5}),
         "adamw": (tiny.ADAMW, 1e-2, {"betas": [0.8, 0.99], "weight_decay": 0.1}),
-    }[request.param]
+    }[kind]
+    clip = {"clip_grad_norm": CLIP} if clipped else {}
     groups = [{"params": ["head.*"], "lr": 2 * lr, **override}]
     cfg = tiny.config(
-        pre=tiny.stage("pretrain", 1, optimizer, lr, schedule={"name": "cosine"}),
+        pre=tiny.stage("pretrain", 1, optimizer, lr, schedule={"name": "cosine"}, **clip),
         post=tiny.stage(
             "finetune",
             2,
@@ -160,18 +211,33 @@ def recorded(request):
             schedule={"name": "cosine"},
             trainable=["fc1.bias", "head.*"],
             optimizer_policy="carry",
+            **clip,
         ),
     )
     return run_pipeline(PipelineSpec.from_dict(cfg), None)
 
 
+CLIP = 0.1
+
+
+def test_the_rule_of_a_record_takes_its_clipping_and_the_model_order(recorded):
+    record = recorded.stages[1]
+    model_order = [n for n, _ in recorded.build_model(1).named_parameters()]
+    assert list(StepRule.from_record(record).hyper) == ["head.weight", "head.bias", "fc1.bias"]
+    rule = StepRule.from_record(record, model_order)
+    assert list(rule.hyper) == ["fc1.bias", "head.weight", "head.bias"]
+    assert rule.clip_grad_norm == record.clip_grad_norm
+    assert rule.hyper == StepRule.from_record(record).hyper
+
+
 def replay(traj, i):
-    """Stage ``i`` replayed with the functional step, as the module docstring prescribes."""
+    """Stage ``i`` replayed with the functional step, as the module docstring prescribes; also
+    how many of its steps had a gradient norm above the stage's ``clip_grad_norm``."""
     record, log = traj.stages[i], traj.steps(i)
     assert not record.entry
     model = traj.load_model(i, "start")
     params = {n: p.detach() for n, p in model.named_parameters()}
-    rule = StepRule.from_record(record)
+    rule = StepRule.from_record(record, [n for n, _ in model.named_parameters()])
     recorded_state = traj.optimizer_state(i, "start")
     fresh, state = rule.fresh(recorded_state), rule.init_state(params, recorded_state)
     inputs, targets = load_dataset(record.data).tensors
@@ -180,20 +246,24 @@ def replay(traj, i):
     def loss(trained, frozen, x, y):
         return loss_fn(functional_call(model, {**frozen, **trained}, (x,)), y)
 
+    clipped = 0
     for t in range(log.num_steps):
         batch = log.batch(t)
         trained = {n: params[n] for n in rule.hyper}
         grads = grad(loss)(trained, params, inputs[batch], targets[batch])
+        clipped += record.clip_grad_norm is not None and total_norm(grads) > record.clip_grad_norm
         params, state = rule.step(
             params, state, grads, step_lrs(record, log, t), fresh if t == 0 else frozenset()
         )
-    return params, state, recorded_state
+    return params, state, recorded_state, clipped
 
 
 @pytest.mark.parametrize("stage", [0, 1])
 def test_replaying_a_recorded_stage_reaches_its_end_checkpoint(recorded, stage):
-    params, state, start_state = replay(recorded, stage)
+    params, state, start_state, clipped = replay(recorded, stage)
     assert bool(start_state) == (stage == 1)  # stage 1 really starts from a carried state
+    if recorded.stages[stage].clip_grad_norm is not None:
+        assert clipped == recorded.stages[stage].num_steps  # the clipping is active throughout
     start, end = recorded.checkpoint(stage, "start"), recorded.checkpoint(stage, "end")
     trained = set(recorded.stages[stage].trainable)
     assert set(params) == set(end)
@@ -226,17 +296,24 @@ JVP_RULES = {
         "sgd",
         {"momentum": 0.9, "dampening": 0.0, "nesterov": True, "weight_decay": 1e-3},
     ),
+    # clipped to a norm below the gradient's (asserted in jvp_problem), so the scale is active
+    "adamw-clipped": ("adamw", {"betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.1}, 0.1),
+    "sgd-momentum-clipped": (
+        "sgd",
+        {"momentum": 0.9, "dampening": 0.1, "nesterov": False, "weight_decay": 1e-3},
+        0.1,
+    ),
 }
 
 
 def jvp_problem(case, warmup):
     """(step function of (params, state), params, state, tangent maker) after ``warmup`` steps;
     the gradients are taken inside the function, so jvp is forward-over-reverse."""
-    kind, hyper = JVP_RULES[case]
+    kind, hyper, *clip = JVP_RULES[case]
     gen = torch.Generator().manual_seed(3)
     shapes = {"w1": (5, 3), "b1": (5,), "w2": (2, 5)}
     params = {n: torch.randn(s, generator=gen, dtype=torch.float64) for n, s in shapes.items()}
-    rule = StepRule(kind, {n: hyper for n in shapes})
+    rule = StepRule(kind, {n: hyper for n in shapes}, *clip)
     lrs = dict.fromkeys(shapes, 0.05)
 
     def step(params, state, fresh=frozenset()):
@@ -245,6 +322,8 @@ def jvp_problem(case, warmup):
     fresh, state = rule.fresh({}), rule.init_state(params, {})
     for t in range(warmup):
         params, state = step(params, state, fresh if t == 0 else frozenset())
+    if clip:
+        assert total_norm(grad(smooth_loss)(params)) > 2 * clip[0]
 
     def tangents(seed):
         gen = torch.Generator().manual_seed(seed)
