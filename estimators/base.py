@@ -18,10 +18,9 @@ from typing import Any, ClassVar
 import torch
 
 from attribution.record import SIGN_CONVENTION
-from attribution.record.artifacts import load_artifact, save_artifact
+from attribution.record.artifacts import artifact_lock, load_artifact, save_artifact
 from attribution.record.counterfactual import check_skippable
-from attribution.record.entry import matching_modules
-from attribution.record.errors import SpecError
+from attribution.record.errors import SpecError, TrajectoryError
 from attribution.record.trajectory import Trajectory
 
 Offsets = dict[str, torch.Tensor]
@@ -34,6 +33,11 @@ EVIDENCE = {
     "batch_order": "the batch indices of every step",
     "stage_data": "each stage's training data (an importable data reference)",
 }
+
+
+REPLAYS = frozenset({"batch_order", "stage_data"})
+"""Evidence that an estimator replays recorded steps with: such estimators refuse stages
+recorded as not replaying exactly (``Trajectory.check_replayable``)."""
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,8 @@ class Estimator:
         """Stage embeddings of every recorded stage, timed."""
         for k in range(len(traj.stages)):
             check_skippable(traj, k)
+            if self.requires & REPLAYS:
+                traj.check_replayable(k)
         counts: dict[str, int] = {}
         began = time.perf_counter()
         offsets = self.offsets(traj, counts)
@@ -130,31 +136,52 @@ OFFSETS = "offsets.safetensors"
 
 def stored_embeddings(estimator: Estimator, traj: Trajectory) -> tuple[StageEmbeddings, bool]:
     """The estimator's embeddings of ``traj`` and whether they were reused: computed once per
-    recording, settings and estimator version, stored under ``embeddings/<name>-<hash>/``."""
+    recording, settings and estimator version (however many processes ask at once), stored
+    with those settings under ``embeddings/<name>-<hash>/`` in the trajectory's cache."""
     settings = json.dumps({**estimator.settings(), "version": estimator.version}, sort_keys=True)
     folder = f"embeddings/{estimator.name}-{hashlib.sha256(settings.encode()).hexdigest()[:10]}"
-    stored = load_artifact(traj, folder, OFFSETS, SCHEMA, SCHEMA_VERSION)
+    stored = _stored(traj, folder, estimator)
     if stored is not None:
-        offsets: dict[str, Offsets] = {s: {} for s in stored.meta["stages"]}
-        for key, value in stored.tensors.items():
-            stage, _, name = key.partition("/")
-            offsets[stage][name] = value
-        meta = stored.meta
-        return StageEmbeddings(
-            meta["estimator"], meta["settings"], offsets, meta["seconds"], meta["counts"]
-        ), True
-    result = estimator.embed(traj)
-    tensors = {f"{s}/{n}": v for s, offset in result.offsets.items() for n, v in offset.items()}
-    meta = {
-        "estimator": result.estimator,
-        "settings": dict(result.settings),
-        "stages": list(result.offsets),
-        "seconds": result.seconds,
-        "counts": dict(result.counts),
-        "meaning": "offset[k] estimates theta_T^(-k) - theta_T",
-    }
-    save_artifact(traj, folder, OFFSETS, SCHEMA, SCHEMA_VERSION, tensors, meta)
-    return result, False
+        return stored, True
+    with artifact_lock(traj, folder):
+        stored = _stored(traj, folder, estimator)
+        if stored is not None:
+            return stored, True
+        result = estimator.embed(traj)
+        tensors = {f"{s}/{n}": v for s, offset in result.offsets.items() for n, v in offset.items()}
+        meta = {
+            "estimator": result.estimator,
+            "settings": dict(result.settings),
+            "version": estimator.version,
+            "stages": list(result.offsets),
+            "seconds": result.seconds,
+            "counts": dict(result.counts),
+            "meaning": "offset[k] estimates theta_T^(-k) - theta_T",
+        }
+        save_artifact(traj, folder, OFFSETS, SCHEMA, SCHEMA_VERSION, tensors, meta)
+        return result, False
+
+
+def _stored(traj: Trajectory, folder: str, estimator: Estimator) -> StageEmbeddings | None:
+    """Stored embeddings in ``folder``, refused if they were made with other settings."""
+    stored = load_artifact(traj, folder, OFFSETS, SCHEMA, SCHEMA_VERSION)
+    if stored is None:
+        return None
+    meta = stored.meta
+    if meta["estimator"] != estimator.name or meta["settings"] != estimator.settings():
+        raise TrajectoryError(
+            traj.cache.where(folder),
+            f"holds {meta['estimator']} embeddings with settings {meta['settings']}, not "
+            f"{estimator.name} with {estimator.settings()}",
+            f"delete {folder} so that it is computed again",
+        )
+    offsets: dict[str, Offsets] = {s: {} for s in meta["stages"]}
+    for key, value in stored.tensors.items():
+        stage, _, name = key.partition("/")
+        offsets[stage][name] = value
+    return StageEmbeddings(
+        meta["estimator"], meta["settings"], offsets, meta["seconds"], meta["counts"]
+    )
 
 
 def final_parameter_names(traj: Trajectory) -> list[str]:
@@ -162,19 +189,24 @@ def final_parameter_names(traj: Trajectory) -> list[str]:
     return [n for n, _ in traj.build_model(len(traj.stages) - 1).named_parameters()]
 
 
-def stage_displacement(traj: Trajectory, k: int, names: list[str]) -> Offsets:
+def final_buffer_names(traj: Trajectory) -> list[str]:
+    """Names of the final model's floating-point buffers (e.g. BatchNorm running statistics)."""
+    model = traj.build_model(len(traj.stages) - 1)
+    return [n for n, b in model.named_buffers() if b.is_floating_point()]
+
+
+def stage_displacement(
+    traj: Trajectory, k: int, names: list[str], buffers: bool | None = None
+) -> Offsets:
     """``delta_k = theta_{t_{k-1}} - theta_{t_k}``: minus the net displacement of stage k,
-    over the parameters that exist when stage k starts."""
+    over the parameters ``names`` that exist when stage k starts and, with ``buffers`` (by
+    default for the last stage only), the final model's floating-point buffers, so that the last
+    stage's embedding is the exact offset of the whole state (running statistics included).
+    Earlier stages' embeddings carry parameters only: running statistics are re-estimated by
+    the later stages, which the estimators do not model."""
     start, end = traj.checkpoint(k, "start"), traj.checkpoint(k, "end")
+    if buffers is None:
+        buffers = k == len(traj.stages) - 1
+    if buffers:
+        names = [*names, *(n for n in final_buffer_names(traj) if n not in names)]
     return {n: start[n].double() - end[n].double() for n in names if n in start}
-
-
-def reinitialised(traj: Trajectory, j: int) -> set[str]:
-    """Parameters that stage j's ``reinit`` actions re-create (their offset restarts at 0)."""
-    record = traj.stages[j]
-    model = traj.build_model(j)
-    names = set()
-    for action in (a for a in record.entry if a.kind == "reinit"):
-        for module in matching_modules(model, action.modules, f"stage {record.name} entry"):
-            names |= {f"{module}.{n}" for n, _ in model.get_submodule(module).named_parameters()}
-    return names

@@ -24,20 +24,17 @@ import torch
 
 from attribution.record.errors import TrajectoryError
 from attribution.record.optim import OptimizerState
+from attribution.record.pipeline import reinitialised
 from attribution.record.trajectory import StageRecord, Trajectory
-from estimators.base import (
-    Estimator,
-    Offsets,
-    final_parameter_names,
-    reinitialised,
-    stage_displacement,
-)
+from estimators.base import Estimator, Offsets, final_parameter_names, stage_displacement
+from estimators.stages import handed_state
 
 Affine = tuple[float, float]  # coefficients of (a0, b0)
 
 
 class E1(Estimator):
     name = "e1"
+    version = 2  # the last stage's embedding holds floating-point buffers
     requires = frozenset(
         {"boundary_checkpoints", "learning_rates", "optimizer_hyperparameters", "optimizer_state"}
     )
@@ -55,19 +52,15 @@ class E1(Estimator):
 
 
 def handed_buffers(traj: Trajectory, k: int) -> Offsets:
-    """Momentum-buffer offsets handed to stage k+1 when stage k is skipped: the buffers that
-    existed when stage k began minus those at its end (what ``carry`` would pass on)."""
+    """Momentum-buffer offsets handed to stage k+1 when stage k is skipped (what ``carry``
+    passes on; nothing under ``reset``)."""
     if k + 1 >= len(traj.stages) or traj.stages[k + 1].optimizer_policy != "carry":
         return {}
-    factual = traj.optimizer_state(k, "end")
-    skipped = traj.optimizer_state(k - 1, "end") if k else {}
-    out = {}
-    for name, slots in factual.items():
-        if "momentum_buffer" in slots:
-            before = skipped.get(name, {}).get("momentum_buffer")
-            base = torch.zeros_like(slots["momentum_buffer"]) if before is None else before
-            out[name] = base.double() - slots["momentum_buffer"].double()
-    return out
+    return {
+        name: slots["momentum_buffer"].double()
+        for name, slots in handed_state(traj, k).items()
+        if "momentum_buffer" in slots
+    }
 
 
 @dataclass
@@ -91,7 +84,7 @@ class LaterStage:
             [lr[:, g].tolist() for g in range(len(record.groups))],
             traj.optimizer_state(j, "start"),
             end,
-            reinitialised(traj, j),
+            reinitialised(traj.build_model(j), record),
         )
 
     def carry(self, offset: Offsets, buffers: Offsets) -> tuple[Offsets, Offsets]:
@@ -162,10 +155,11 @@ def _adam(
     """Coupled-decay Adam with the preconditioner fixed at the stage's final second moment."""
     if "exp_avg_sq" not in end:
         raise TrajectoryError(
-            f"stage {record.name}",
+            None,
             f"no recorded second moment for {name}, which E1 needs",
             "record the optimizer state at the stage end, or use E2",
             field="optimizer_state.end",
+            stage=record.name,
         )
     (beta1, beta2), eps, lam = hyper["betas"], hyper["eps"], hyper["weight_decay"]
     step0 = float(start["step"]) if "step" in start else 0.0

@@ -59,7 +59,7 @@ from estimators.base import (
 )
 from estimators.curvature import CURVATURES, Operator, curvature_product, lanczos
 from estimators.e1 import LaterStage, handed_buffers
-from estimators.e2 import TrainingStart
+from estimators.stages import TrainingStart
 
 POINTS = ("start", "end", "both")
 
@@ -97,6 +97,7 @@ class E3(Estimator):
     curvature-vector products over the whole sample at one checkpoint."""
 
     name = "e3"
+    version = 2  # the last stage's embedding holds floating-point buffers
     requires = frozenset(
         {
             "boundary_checkpoints",

@@ -8,8 +8,10 @@ once from those that left it, and takes the difference::
 
     SE_k = R(theta_{t_{k-1}}, state at t_{k-1}) - R(theta_{t_k}, state at t_k)
 
-so that the error of the coarse schedule cancels to first order. ``stride = 1`` is the ground
-truth exactly; the cost is about ``2 / stride`` of retraining the later stages.
+so that the error of the coarse schedule cancels to first order, over the final model's
+parameters and floating-point buffers (the replays re-estimate running statistics as the later
+stages did). ``stride = 1`` is the ground truth exactly; the cost is about ``2 / stride`` of
+retraining the later stages.
 
 Each coarse step takes the summed learning rate of the steps it stands for. SGD keeps its
 momentum: under a constant gradient a coarse step then moves exactly as far as the fine steps
@@ -35,6 +37,7 @@ from estimators.base import (
     Arguments,
     Estimator,
     Offsets,
+    final_buffer_names,
     final_parameter_names,
     stage_displacement,
 )
@@ -60,6 +63,7 @@ class E4(Estimator):
     requires = frozenset(EVIDENCE)
     Settings = E4Arguments
     shorthand = "stride"
+    version = 2  # embeddings hold floating-point buffers
 
     @property
     def stride(self) -> int:
@@ -67,6 +71,7 @@ class E4(Estimator):
 
     def offsets(self, traj: Trajectory, counts: dict[str, int]) -> dict[str, Offsets]:
         names = final_parameter_names(traj)
+        state_names = [*names, *final_buffer_names(traj)]
         coarse = [
             coarsen(traj.stages[j], traj.steps(j), self.stride) for j in range(len(traj.stages))
         ]
@@ -83,7 +88,7 @@ class E4(Estimator):
                 raise StagetraceError(
                     f"E4 at stride {self.stride} diverged ({exc}). Fix: use a smaller stride"
                 ) from exc
-            out[record.name] = {n: skipped[n].double() - factual[n].double() for n in names}
+            out[record.name] = {n: skipped[n].double() - factual[n].double() for n in state_names}
             counts["replayed_steps"] = counts.get("replayed_steps", 0) + 2 * sum(
                 s.num_steps for _, s in later
             )

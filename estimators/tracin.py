@@ -15,6 +15,9 @@ weight decay or Adam preconditioning), misses the jump of re-initialisations and
 the gradient between checkpoints, and ignores everything later stages did. With plain SGD, every
 step checkpointed and f linear in theta it equals f(end) - f(state after entry) exactly.
 
+The gradient of the training loss is taken as training took it (train mode); ``grad f`` is the
+one evaluator's (``attribution.record.evaluation``: eval mode, the checkpoint's buffers).
+
 Cost per stage and checkpoint: one gradient of the training loss on one batch, and one
 forward-mode jvp of the per-example quantities per batch of examples (never an N x p matrix).
 """
@@ -23,17 +26,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 from torch import Tensor, nn
-from torch.func import jvp
 
 from attribution.record.errors import StagetraceError
-from attribution.record.evaluation import per_example
+from attribution.record.evaluation import ModelAt, directional
 from attribution.record.pipeline import fetch_batch, reinitialise
 from attribution.record.references import load_dataset, loss_function
-from attribution.record.trajectory import StageRecord, StepLog, Trajectory, load_state
+from attribution.record.trajectory import StageRecord, StepLog, Trajectory, load_state, snapshot
 
 
 @dataclass(frozen=True)
@@ -74,13 +75,14 @@ def stage_tracin(
                 f"stage TracIn needs the batch of every step, and stage {record.name!r} recorded "
                 "none. Fix: record the stage with stage.log_batch(indices) before every step"
             )
-        model = traj.build_model(k)
+        model, evaluator = traj.build_model(k), traj.build_model(k)
         starts = [0, *traj.inner_steps(k)]
         total = torch.zeros(len(targets), dtype=torch.float64)
         for c, stop in zip(starts, [*starts[1:], log.num_steps], strict=True):
             _load_state_before(model, traj, k, c)
+            at = ModelAt.of(evaluator, snapshot(model))  # before training mode moves buffers
             movement = _movement(model, record, log, c, stop)
-            total += _directional(model, movement, inputs, targets, quantity, batch_size)
+            total += directional(at, movement, inputs, targets, quantity, batch_size)
         effects[record.name] = total
         used[record.name] = len(starts)
     return TracInResult(effects, used, time.perf_counter() - began)
@@ -111,27 +113,3 @@ def _movement(
     grads = dict(zip(names, torch.autograd.grad(loss, [params[n] for n in names]), strict=True))
     mass = log.lr[c:stop].sum(0).tolist()
     return {n: -m * grads[n] for g, m in zip(record.groups, mass, strict=True) for n in g.params}
-
-
-def _directional(
-    model: nn.Module,
-    movement: dict[str, Tensor],
-    inputs: Tensor,
-    targets: Tensor,
-    quantity: str,
-    batch_size: int,
-) -> Tensor:
-    """<grad f_i(theta), movement> for every example i: one jvp per batch, float64 [N]."""
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    tangent = {n: movement.get(n, torch.zeros_like(p)).detach() for n, p in params.items()}
-    out = []
-    for i in range(0, len(targets), batch_size):
-        f = partial(
-            per_example,
-            model,
-            inputs=inputs[i : i + batch_size],
-            targets=targets[i : i + batch_size],
-            quantity=quantity,
-        )
-        out.append(jvp(f, (params,), (tangent,))[1].detach().to(torch.float64))
-    return torch.cat(out)

@@ -1,5 +1,5 @@
 """Within-stage example attribution: what each training example of a stage did to a behaviour of
-the final model (DESIGN.md section 4, the scores behind the ``filter`` intervention).
+the final model (docs/interventions.md, the scores behind the ``filter`` intervention).
 
 For a behaviour f of the final parameters and a stage k, example z of stage k's data scores
 
@@ -33,27 +33,21 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.func import functional_call, grad, jvp, vjp
+from torch.func import functional_call, jvp
 
-from attribution.record.errors import StagetraceError, TrajectoryError
-from attribution.record.pipeline import fetch_batch
+from attribution.record.errors import StagetraceError
+from attribution.record.pipeline import check_indices, fetch_batch, require_batch_order
 from attribution.record.references import load_dataset, loss_function
-from attribution.record.trajectory import StageRecord, StepLog, Trajectory
-from estimators.base import final_parameter_names
-from estimators.e2 import TrainingStart, across_entry
-from estimators.functional import Params, State, step_lrs
+from attribution.record.trajectory import StageRecord, Trajectory
+from estimators.functional import Params
+from estimators.stages import TrainingStart, adjoints
 
 PerExampleLoss = Callable[[Tensor, Tensor], Tensor]
 """``loss(outputs, targets) -> [batch]``: one loss per example whose mean is the stage's loss."""
-
-Scorer = Callable[[int, Params, Tensor, Tensor, Params], None]
-"""Called in the reverse pass with (step t, parameters before it, its batch's inputs and
-targets, adjoint of its gradient g_t)."""
 
 MEANING = (
     "score(z) = d f(theta_T) / d w_z at w = 1 (w_z weights example z's loss in every batch of "
@@ -122,14 +116,14 @@ def example_scores(
     record = traj.stages[k]
     per_example = per_example_loss or per_example_form(record)
     for j in range(k, len(traj.stages)):
-        _check_batch_order(traj, j)
+        require_batch_order(traj.stages[j], traj.steps(j), "example scores")
     began = time.perf_counter()
     start = TrainingStart.of(traj, k)
     log = traj.steps(k)
     dataset = load_dataset(record.data)
     _check_per_example(per_example, start, *fetch_batch(dataset, log.batch(0)))
     counts = {"steps": 0, "hvps": 0, "jvps": 0}
-    adjoint, adjoint_state = _adjoint_at_end(traj, k, behaviour, counts)
+    *_, (_, adjoint, adjoint_state) = adjoints(traj, behaviour, counts, down_to=k)
     uses = example_uses(traj, k)
     scores = torch.zeros(len(uses), dtype=torch.float64)
     trained = list(start.rule.hyper)
@@ -142,7 +136,7 @@ def example_scores(
         scores.index_add_(0, log.batch(t), slopes.detach().double() / len(targets))
         counts["jvps"] += 1
 
-    _pull_back(start, *_entering(start, adjoint, adjoint_state), counts, score)
+    start.pull_back(adjoint, adjoint_state, counts, score)
     counts["examples"] = len(uses)
     counts["used"] = int((uses > 0).sum())
     return ExampleScores(record.name, scores, uses, time.perf_counter() - began, counts)
@@ -153,14 +147,7 @@ def example_uses(traj: Trajectory, stage: str | int) -> Tensor:
     k = traj.index(stage)
     log, record = traj.steps(k), traj.stages[k]
     size = len(load_dataset(record.data))
-    if log.indices.numel() and int(log.indices.max()) >= size:
-        raise TrajectoryError(
-            f"stage {record.name}",
-            f"batches use example {int(log.indices.max())} but the data reference yields only "
-            f"{size} examples",
-            f"make the data reference {record.data.target} return the data the stage trained on",
-            field="data",
-        )
+    check_indices(record, log, size)
     return torch.bincount(log.indices, minlength=size)
 
 
@@ -173,91 +160,6 @@ def per_example_form(record: StageRecord) -> PerExampleLoss:
         f"form known to stagetrace. Fix: pass per_example_loss (outputs, targets) -> [batch] "
         f"whose mean is that loss, or train with one of {', '.join(PER_EXAMPLE)}"
     )
-
-
-def _adjoint_at_end(
-    traj: Trajectory, k: int, behaviour: Callable[[Params], Tensor], counts: dict[str, int]
-) -> tuple[Params, State]:
-    """Adjoints of stage k's final parameters and of the optimizer state it hands on: the
-    gradient of f pulled back through stages K..k+1 (as ``adjoint_effects`` does)."""
-    last = len(traj.stages) - 1
-    names = set(final_parameter_names(traj))
-    final = {n: v for n, v in traj.checkpoint(last, "end").items() if n in names}
-    adjoint: Params = grad(behaviour)(final)
-    adjoint_state: State = {}
-    for j in range(last, k, -1):
-        start = TrainingStart.of(traj, j)
-        adjoint, adjoint_state = _pull_back(
-            start, *_entering(start, adjoint, adjoint_state), counts
-        )
-        adjoint, adjoint_state = across_entry(start, adjoint, adjoint_state)
-    return adjoint, adjoint_state
-
-
-def _entering(start: TrainingStart, adjoint: Params, adjoint_state: State) -> tuple[Params, State]:
-    """The adjoints at a stage's end in its structure: zero for parameters and state entries the
-    later world did not depend on."""
-    params = {n: adjoint.get(n, torch.zeros_like(p)) for n, p in start.params.items()}
-    state = {
-        n: {s: adjoint_state.get(n, {}).get(s, torch.zeros_like(v)) for s, v in slots.items()}
-        for n, slots in start.state.items()
-    }
-    return params, state
-
-
-def _pull_back(
-    start: TrainingStart,
-    adjoint: Params,
-    adjoint_state: State,
-    counts: dict[str, int],
-    score: Scorer | None = None,
-) -> tuple[Params, State]:
-    """Adjoints at the stage's end -> adjoints at its start (after its entry actions).
-
-    A forward replay stores the trained parameters and the state before every step; the reverse
-    pass recomputes each step's gradient with its vjp (the Hessian-vector product)."""
-    record, rule, model = start.record, start.rule, start.model
-    log = start.traj.steps(start.j)
-    dataset = load_dataset(record.data)
-    loss = loss_function(record.loss)
-    trained = list(rule.hyper)
-    frozen = {n: p for n, p in start.params.items() if n not in rule.hyper}
-
-    def gradient(params: Params, inputs: Tensor, targets: Tensor) -> Params:
-        def training_loss(part: Params) -> Tensor:
-            return loss(functional_call(model, {**params, **part}, (inputs,)), targets)
-
-        return grad(training_loss)({n: params[n] for n in trained})
-
-    def fresh(t: int) -> frozenset[str]:
-        return start.fresh if t == 0 else frozenset()
-
-    history: list[tuple[Params, State]] = []
-    params, state = start.params, start.state
-    for t in range(log.num_steps):
-        history.append(({n: params[n] for n in trained}, state))
-        batch = fetch_batch(dataset, log.batch(t))
-        lrs = step_lrs(record, log, t)
-        params, state = rule.step(params, state, gradient(params, *batch), lrs, fresh(t))
-        counts["steps"] += 1
-    # vjp needs the cotangents' dicts in the order of the step's outputs (Adam reorders slots;
-    # the parameters come out frozen first, then trained).
-    adjoint_state = {n: {s: adjoint_state[n][s] for s in slots} for n, slots in state.items()}
-    for t in reversed(range(log.num_steps)):
-        part, state = history.pop()
-        params = {**frozen, **part}
-        inputs, targets = fetch_batch(dataset, log.batch(t))
-        grads, grad_pullback = vjp(partial(gradient, inputs=inputs, targets=targets), params)
-        step = partial(rule.step, lrs=step_lrs(record, log, t), fresh=fresh(t))
-        _, step_pullback = vjp(step, params, state, grads)
-        ordered = {n: adjoint[n] for n in params}
-        direct, adjoint_state, adjoint_g = step_pullback((ordered, adjoint_state))
-        (curvature,) = grad_pullback(adjoint_g)
-        counts["hvps"] += 1
-        if score is not None:
-            score(t, params, inputs, targets, adjoint_g)
-        adjoint = {n: direct[n] + curvature[n] for n in direct}
-    return adjoint, adjoint_state
 
 
 def _check_per_example(
@@ -277,15 +179,4 @@ def _check_per_example(
             f"{tuple(values.shape)} and mean {float(values.mean()):.6g} on a batch of "
             f"{len(targets)} whose loss {start.record.loss!r} is {float(mean):.6g}. Fix: give "
             "per_example_loss returning one value per example whose mean is the stage's loss"
-        )
-
-
-def _check_batch_order(traj: Trajectory, j: int) -> None:
-    log: StepLog = traj.steps(j)
-    if not log.has_batch_order:
-        raise TrajectoryError(
-            f"stage {traj.stages[j].name}",
-            "recorded no batch order (or not for every step), which example scores need",
-            "record the stage with stage.log_batch(indices) before every optimizer step",
-            field="steps.batch_indices",
         )

@@ -10,10 +10,11 @@ from attribution.record.pipeline import run_pipeline
 from attribution.record.spec import PipelineSpec
 from estimators.e0 import E0
 from estimators.e1 import E1
-from estimators.e2 import E2, adjoint_effects, handed_state
+from estimators.e2 import E2, adjoint_effects
+from estimators.stages import handed_state
 from tests.attribution import tiny
 from tests.estimators import toy
-from tests.estimators.test_e0_e1 import ADAMW, NESTEROV, SGD, SGDW, assert_offsets_equal
+from tests.helpers import ADAMW, NESTEROV, SGD, SGDW, assert_offsets_equal
 
 MSE = "mse"
 ADAM = {"type": "adam", "weight_decay": 0.05}
