@@ -2,7 +2,7 @@
 
 The handful of names a user needs, in one import::
 
-    from attribution import Trajectory, Recorder, Ref, audit, validate, undo, skip
+    from attribution import Trajectory, Recorder, Ref, Behavior, audit, validate, undo, skip
 
 The package is layered (``docs/design.md``): ``attribution.record`` (what happened, and the
 truth of what would have happened without a stage), ``estimators`` (stage embeddings without
@@ -27,6 +27,7 @@ _PUBLIC = {
     "PipelineSpec": "attribution.record.spec",
     "run_pipeline": "attribution.record.pipeline",
     "skip_stage": "attribution.record.counterfactual",
+    "final_model": "attribution.record.evaluation",
     "StagetraceError": "attribution.record.errors",
     "build_estimator": "estimators.registry",
     "stored_embeddings": "estimators.base",
@@ -34,7 +35,7 @@ _PUBLIC = {
     "Behavior": "attribution.analysis.behaviors",
     "load_behaviors": "attribution.analysis.audit",
     "audit": "attribution.analysis.audit",
-    "validate": "attribution.analysis.audit",
+    "validate": "attribution.analysis.validate",
     "undo": "attribution.analysis.interventions",
     "skip": "attribution.analysis.interventions",
     "filter_and_rerun": "attribution.analysis.interventions",

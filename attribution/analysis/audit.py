@@ -1,43 +1,81 @@
-"""The audit: which stage is accountable for each behaviour, and by how much; and validation of
-the estimators against real skip-stage retraining.
+"""The audit: which stage is accountable for each behaviour, and by how much.
 
 Effects follow the project's sign convention, effect_k(f) = f(theta_T) - f(theta_T^(-k)): for
 a loss, a positive effect means stage k raised it (blame), a negative one lowered it (credit).
+Validation of the estimators against real skip-stage retraining: ``attribution.analysis.validate``.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import yaml
 
-from attribution.analysis import metrics
 from attribution.analysis.behaviors import Behavior
 from attribution.analysis.readout import behaviour_effects, evaluated_effects, linear_effects
 from attribution.record import SIGN_CONVENTION
-from attribution.record.counterfactual import skip_stage
 from attribution.record.errors import SpecError, StagetraceError
-from attribution.record.evaluation import per_example
+from attribution.record.evaluation import final_model
 from attribution.record.trajectory import Trajectory
-from estimators import Estimator, build, build_all, check_evidence, stored_embeddings
+from estimators import Estimator, StageEmbeddings, build, check_evidence, stored_embeddings
 
 READOUTS = {"linear": linear_effects, "evaluated": evaluated_effects}
 BEHAVIORS_FILE = "behaviors.yaml"
 
 
-def estimator_for(
-    name: str, traj: Trajectory, settings: Mapping[str, Any] | None = None
-) -> Estimator:
-    """The named estimator with ``settings``, refused with what is missing if the recording
-    cannot support it."""
-    estimator = build(name, settings)
-    check_evidence([estimator], traj)
-    return estimator
+@dataclass(frozen=True)
+class EstimatorRun:
+    """The estimator behind an audit: ``name`` (registry key), ``label`` (the name a result is
+    reported under, e.g. ``e3(rank=2)``), its ``settings``, the ``seconds`` and work ``counts``
+    of computing the embeddings, and whether they were ``reused`` from storage (``None``: the
+    caller passed embeddings it computed)."""
+
+    name: str
+    label: str
+    settings: Mapping[str, Any]
+    seconds: float
+    counts: Mapping[str, int]
+    reused: bool | None
+
+
+@dataclass(frozen=True)
+class BehaviorEffects:
+    """One behaviour's stage effects: ``effects[stage][i]`` is the effect on ``outputs[i]``
+    (units of ``quantity``), ``mean_effect[stage]`` their mean over the outputs."""
+
+    quantity: str
+    aggregate: str
+    outputs: list[str]
+    effects: dict[str, list[float]]
+    mean_effect: dict[str, float]
+
+    def of(self, stage: str) -> dict[str, float]:
+        """{output: effect} of ``stage``."""
+        return dict(zip(self.outputs, self.effects[stage], strict=True))
+
+
+@dataclass(frozen=True)
+class Audit:
+    """Stage effects on every behaviour, with how they were obtained (``attribution.json``)."""
+
+    trajectory: str
+    estimator: EstimatorRun
+    readout: str
+    readout_seconds: float
+    stages: list[str]
+    behaviors: dict[str, BehaviorEffects]
+    sign_convention: str = field(default=SIGN_CONVENTION)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["estimator"]["settings"] = dict(self.estimator.settings)
+        out["estimator"]["counts"] = dict(self.estimator.counts)
+        return out
 
 
 def load_behaviors(path: Path | str) -> dict[str, Behavior]:
@@ -49,7 +87,19 @@ def load_behaviors(path: Path | str) -> dict[str, Behavior]:
             "no such behaviours file",
             "give --behaviors FILE (YAML: name -> {data, quantity, aggregate, ...})",
         )
-    obj = yaml.safe_load(path.read_text())
+    try:
+        obj = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:  # a syntax error, or a tag such as !!python/object
+        where = getattr(exc, "problem_mark", None)
+        at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpecError(
+            str(path),
+            f"is not valid plain YAML{at}: {problem}",
+            "write plain YAML (no !!python tags): `name: {data: {target: ..., kwargs: {...}}}`",
+        ) from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(str(path), f"cannot be read ({exc})", "give a readable text file") from exc
     if not isinstance(obj, Mapping) or not obj:
         raise SpecError(
             str(path),
@@ -68,176 +118,94 @@ def default_behaviors_file(run: Path | str) -> Path:
     return run / BEHAVIORS_FILE
 
 
+def check_readouts(readouts: list[str] | tuple[str, ...]) -> None:
+    """Refuse an unknown read-out, naming the known ones."""
+    unknown = [r for r in readouts if r not in READOUTS]
+    if unknown:
+        raise StagetraceError(
+            f"unknown read-out {unknown[0]!r}. Fix: use one of {', '.join(READOUTS)}"
+        )
+
+
+def embeddings_of(
+    estimator: str | Estimator | StageEmbeddings,
+    traj: Trajectory,
+    settings: Mapping[str, Any] | None = None,
+) -> tuple[StageEmbeddings, EstimatorRun]:
+    """Embeddings and their estimator's description from a name (built with ``settings``), an
+    estimator (stored embeddings, computed once per recording and setting) or embeddings
+    already computed (used as they are)."""
+    if isinstance(estimator, StageEmbeddings):
+        if settings:
+            raise SpecError(
+                "settings",
+                "settings given with embeddings already computed",
+                "drop the settings (the embeddings carry their own)",
+            )
+        embeddings, reused = estimator, None
+        label = build(embeddings.estimator, embeddings.settings).label
+    else:
+        if isinstance(estimator, str):
+            estimator = build(estimator, settings)
+        elif settings:
+            raise SpecError(
+                "settings",
+                "settings given with an estimator already built",
+                "build the estimator with its settings (estimators.build)",
+            )
+        check_evidence([estimator], traj)
+        embeddings, reused = stored_embeddings(estimator, traj)
+        label = estimator.label
+    run = EstimatorRun(
+        embeddings.estimator,
+        label,
+        dict(embeddings.settings),
+        embeddings.seconds,
+        dict(embeddings.counts),
+        reused,
+    )
+    return embeddings, run
+
+
 def audit(
     traj: Trajectory,
-    estimator: str,
+    estimator: str | Estimator | StageEmbeddings,
     behaviors: Mapping[str, Behavior],
     readout: str = "evaluated",
     batch_size: int = 512,
     settings: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Stage effects on every behaviour: per stage, each output's effect and their mean;
-    ``settings`` are the estimator's (e.g. E3's ``rank``)."""
-    if readout not in READOUTS:
-        raise StagetraceError(
-            f"unknown read-out {readout!r}. Fix: use one of {', '.join(READOUTS)}"
-        )
+) -> Audit:
+    """Stage effects on every behaviour: per stage, each output's effect and their mean.
+
+    ``estimator`` is a name (``"e3"``, ``"e4:2"``; ``settings`` are its settings, e.g. E3's
+    ``rank``), an ``Estimator`` or the ``StageEmbeddings`` already computed from ``traj`` (so a
+    caller that also undoes a stage uses the very same embeddings). Behaviours are loaded and
+    checked before any embedding is computed.
+    """
+    check_readouts([readout])
     data = {name: b.load() for name, b in behaviors.items()}
-    embeddings, reused = stored_embeddings(estimator_for(estimator, traj, settings), traj)
-    model, params = final_model(traj)
+    embeddings, run = embeddings_of(estimator, traj, settings)
+    model = final_model(traj)
     began = time.perf_counter()
     results = {}
     for name, behavior in behaviors.items():
         inputs, targets, keys = data[name]
         effects = READOUTS[readout](
-            model, params, embeddings.offsets, inputs, targets, behavior.quantity, batch_size
+            model, embeddings.offsets, inputs, targets, behavior.quantity, batch_size
         )
         per_output = behaviour_effects(behavior, effects, keys)
-        results[name] = {
-            "quantity": behavior.quantity,
-            "aggregate": behavior.aggregate,
-            "outputs": list(next(iter(per_output.values()))),
-            "mean_effect": {s: float(np.mean(list(v.values()))) for s, v in per_output.items()},
-            "effects": {s: list(v.values()) for s, v in per_output.items()},
-        }
-    return {
-        "sign_convention": SIGN_CONVENTION,
-        "trajectory": str(traj.root),
-        "estimator": {
-            "name": embeddings.estimator,
-            "settings": dict(embeddings.settings),
-            "seconds": embeddings.seconds,
-            "counts": dict(embeddings.counts),
-            "reused": reused,
-        },
-        "readout": readout,
-        "readout_seconds": time.perf_counter() - began,
-        "stages": traj.names,
-        "behaviors": results,
-    }
-
-
-def validate(
-    traj: Trajectory,
-    estimators: Sequence[str],
-    readouts: Sequence[str],
-    behaviors: Mapping[str, Behavior],
-    batch_size: int = 512,
-    settings: Mapping[str, Mapping[str, Any]] | None = None,
-    keep_effects: bool = False,
-) -> dict[str, Any]:
-    """Estimated against true per-example effects, per estimator, read-out, per-example behaviour
-    and stage (group behaviours are aggregates of the same per-example effects).
-
-    The truth retrains without each stage (stored under the run and reused) and evaluates
-    f(theta_T) - f(theta_T^(-k)) directly. ``settings`` maps an estimator's base name (``e3``)
-    to its settings. With ``keep_effects`` the result also holds the per-example effects
-    (``"effects"``: ``"truth"`` -> behaviour -> stage -> [N], and ``"estimate:readout"`` ->
-    behaviour -> stage -> [N], float64 numpy arrays), for plots.
-    """
-    settings = settings or {}
-    behaviors = {n: b for n, b in behaviors.items() if b.aggregate == "per_example"}
-    if not behaviors:
-        raise SpecError(
-            "behaviors",
-            "validation needs at least one per_example behaviour",
-            "add e.g. `test_loss: {data: ..., quantity: loss}`",
+        results[name] = BehaviorEffects(
+            quantity=behavior.quantity,
+            aggregate=behavior.aggregate,
+            outputs=list(next(iter(per_output.values()))),
+            effects={s: list(v.values()) for s, v in per_output.items()},
+            mean_effect={s: float(np.mean(list(v.values()))) for s, v in per_output.items()},
         )
-    built = build_all(estimators, settings)
-    check_evidence(built.values(), traj)
-    if any(r not in READOUTS for r in readouts):
-        raise StagetraceError(
-            f"unknown read-out in {list(readouts)}. Fix: use {', '.join(READOUTS)}"
-        )
-    data = {name: b.load() for name, b in behaviors.items()}
-    model, params = final_model(traj)
-    truths = {s: skip_stage(traj, s) for s in traj.names}
-    truth_seconds = sum(cf.seconds for cf in truths.values())
-    true_effects = {}
-    for name, behavior in behaviors.items():
-        inputs, targets, _ = data[name]
-        final = per_example(model, params, inputs, targets, behavior.quantity).double()
-        true_effects[name] = {
-            s: final
-            - per_example(
-                model, {n: cf.state[n] for n in params}, inputs, targets, behavior.quantity
-            ).double()
-            for s, cf in truths.items()
-        }
-    rows = []
-    kept: dict[str, Any] = {
-        "truth": {b: {s: v.numpy() for s, v in e.items()} for b, e in true_effects.items()}
-    }
-    for estimator in estimators:
-        embeddings, _ = stored_embeddings(built[estimator], traj)
-        for readout in readouts:
-            for name, behavior in behaviors.items():
-                inputs, targets, _ = data[name]
-                began = time.perf_counter()
-                estimated = READOUTS[readout](
-                    model,
-                    params,
-                    embeddings.offsets,
-                    inputs,
-                    targets,
-                    behavior.quantity,
-                    batch_size,
-                )
-                seconds = embeddings.seconds + time.perf_counter() - began
-                rows += fidelity_rows(
-                    estimator, readout, name, estimated, true_effects[name], seconds, truth_seconds
-                )
-                kept.setdefault(f"{estimator}:{readout}", {})[name] = {
-                    s: v.numpy() for s, v in estimated.items()
-                }
-    result = {
-        "sign_convention": SIGN_CONVENTION,
-        "trajectory": str(traj.root),
-        "ground_truth_seconds": truth_seconds,
-        "rows": rows,
-    }
-    if keep_effects:
-        result["effects"] = kept
-    return result
-
-
-def final_model(traj: Trajectory) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    """The final model (as a function) and its parameters theta_T."""
-    last = len(traj.stages) - 1
-    model = traj.build_model(last)
-    state = traj.checkpoint(last, "end")
-    return model, {n: state[n] for n, _ in model.named_parameters()}
-
-
-def fidelity_rows(
-    estimator: str,
-    readout: str,
-    behavior: str,
-    estimated: Mapping[str, torch.Tensor],
-    truth: Mapping[str, torch.Tensor],
-    seconds: float,
-    truth_seconds: float,
-) -> list[dict[str, Any]]:
-    """One row of fidelity metrics per stage: estimated against true per-example effects
-    ([N] tensors per stage), with the estimate's cost and its ratio to the truth's."""
-    stages = list(truth)
-    est = np.stack([estimated[s].numpy() for s in stages])
-    tru = np.stack([truth[s].numpy() for s in stages])
-    top = metrics.top_stage_agreement(est, tru)
-    return [
-        {
-            "estimator": estimator,
-            "readout": readout,
-            "behavior": behavior,
-            "stage": stage,
-            "pearson": metrics.pearson(est[i], tru[i]),
-            "spearman": metrics.spearman(est[i], tru[i]),
-            "sign_agreement": metrics.sign_agreement(est[i], tru[i]),
-            "mean_effect_true": float(tru[i].mean()),
-            "mean_effect_error": metrics.mean_effect_error(est[i], tru[i]),
-            "top_stage_agreement": top,
-            "seconds": seconds,
-            "cost_ratio": seconds / truth_seconds if truth_seconds else float("nan"),
-        }
-        for i, stage in enumerate(stages)
-    ]
+    return Audit(
+        trajectory=str(traj.root),
+        estimator=run,
+        readout=readout,
+        readout_seconds=time.perf_counter() - began,
+        stages=traj.names,
+        behaviors=results,
+    )

@@ -7,7 +7,9 @@ difference of two group means (``group_gap``). Groups are sets of labels, or, wi
 (``TensorDataset(inputs, labels, groups)``, e.g. ``2 * label + spurious attribute``).
 Because the aggregation is linear, the effect of a stage on a behaviour is the same aggregation
 of the per-example effects, so per-example effects are computed once (see
-``attribution.analysis.readout``) and aggregated per behaviour.
+``attribution.analysis.readout``) and aggregated per behaviour. ``Behavior.function`` gives the
+same behaviour as a differentiable function of a model's parameters (for gradients, e.g.
+within-stage example scores), ``Behavior.values`` its outputs at a checkpoint (for truths).
 
 Sign convention: effect_k(f) = f(theta_T) - f(theta_T^(-k)) (see
 ``attribution.record.SIGN_CONVENTION``).
@@ -15,7 +17,7 @@ Sign convention: effect_k(f) = f(theta_T) - f(theta_T^(-k)) (see
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -24,7 +26,7 @@ from torch import Tensor
 from torch.utils.data import TensorDataset
 
 from attribution.record.errors import SpecError, StagetraceError
-from attribution.record.evaluation import QUANTITIES
+from attribution.record.evaluation import QUANTITIES, ModelAt, per_example
 from attribution.record.references import Ref, load_dataset
 
 AGGREGATES = ("per_example", "group_mean", "group_gap")
@@ -142,6 +144,50 @@ class Behavior:
         assert self.gap is not None
         a, b = self.gap
         return [f"{self.name}[{a} - {b}]"], (rows[a] - rows[b])[None]
+
+    def function(self, model: ModelAt) -> Callable[[Mapping[str, Tensor]], Tensor]:
+        """The behaviour's outputs as a differentiable function of ``model``'s parameters (and
+        floating buffers; any subset, the rest as at the checkpoint): the per-example vector
+        [N], the group means [groups] or the gap [1], in the quantity's units. The whole
+        dataset runs in one forward pass; the data is loaded once, here."""
+        inputs, targets, keys = self.load()
+        _, weights = self.weights(keys)
+        inputs, targets = inputs.to(model.device), targets.to(model.device)
+
+        def outputs(point: Mapping[str, Tensor]) -> Tensor:
+            values = per_example(model, point, inputs, targets, self.quantity)
+            return values if weights is None else weights.to(values) @ values
+
+        return outputs
+
+    def scalar(self, model: ModelAt) -> Callable[[Mapping[str, Tensor]], Tensor]:
+        """``function`` as a 0-dim tensor, for a behaviour of one output (a gap, or a group
+        mean over one group); a ``SpecError`` names a behaviour of more outputs."""
+        self.check_scalar()
+        outputs = self.function(model)
+        return lambda point: outputs(point)[0]
+
+    def check_scalar(self) -> None:
+        """Refuse (``SpecError``) a behaviour of more than one output where one number is
+        needed; cheap, so callers check before training."""
+        single = self.aggregate == "group_gap" or (
+            self.aggregate == "group_mean" and self.groups is not None and len(self.groups) == 1
+        )
+        if not single:
+            raise SpecError(
+                f"behaviors.{self.name}",
+                f"the {self.aggregate} behaviour has several outputs where one number is needed",
+                "use a group_gap, or a group_mean over one group",
+            )
+
+    def values(self, model: ModelAt, batch_size: int = 512) -> dict[str, float]:
+        """The behaviour's outputs at ``model``'s checkpoint, {output name: value}: the
+        per-example quantity in batches (float64), then aggregated."""
+        inputs, targets, keys = self.load()
+        names, weights = self.weights(keys)
+        values = model.values(inputs, targets, self.quantity, batch_size)
+        aggregated = values if weights is None else weights @ values
+        return dict(zip(names, aggregated.tolist(), strict=True))
 
 
 def _check(

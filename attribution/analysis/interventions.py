@@ -1,4 +1,4 @@
-"""Three ways to remove a stage's contribution from the final model (DESIGN.md section 4).
+"""Three ways to remove a stage's contribution from the final model (docs/interventions.md).
 
 - ``undo``: deploy theta_T + SE_k, the final parameters moved by a stage embedding (no training);
 - ``skip``: the counterfactual itself, stages k+1..K retrained without stage k;
@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import torch
 
 from attribution.record.counterfactual import check_complete, retrain_after, skip_stage
-from attribution.record.errors import SpecError, StagetraceError, TrajectoryError
-from attribution.record.pipeline import continue_stage
+from attribution.record.errors import SpecError, StagetraceError
+from attribution.record.pipeline import continue_stage, recorded_threads, require_batch_order
 from attribution.record.references import load_dataset
 from attribution.record.trajectory import StepLog, Trajectory, load_state, snapshot
 from estimators.base import StageEmbeddings
@@ -102,13 +102,8 @@ def filter_and_rerun(
     record = traj.stages[k]
     check_complete(traj, "a rerun")
     log = traj.steps(k)
-    if not log.has_batch_order:
-        raise TrajectoryError(
-            f"stage {record.name}",
-            "recorded no batch order (or not for every step), which filtering needs",
-            "record the stage with stage.log_batch(indices) before every optimizer step",
-            field="steps.batch_indices",
-        )
+    require_batch_order(record, log, "filtering")
+    traj.check_replayable(k)
     dropped = _indices(drop, len(load_dataset(record.data)), record.name)
     lrs, batches = [], []
     for t in range(log.num_steps):
@@ -121,7 +116,8 @@ def filter_and_rerun(
     model = traj.build_model(k)
     load_state(model, traj.checkpoint(k, "start"), f"start of stage {record.name}")
     previous = traj.optimizer_state(k - 1, "end") if k else {}
-    optimizer_state = continue_stage(model, record, filtered, previous)
+    with recorded_threads(traj):
+        optimizer_state = continue_stage(model, record, filtered, previous)
     state = retrain_after(traj, k, snapshot(model), optimizer_state)
     counts = {
         "dropped_examples": len(dropped),

@@ -2,7 +2,7 @@
 
 Effects follow the project's sign convention (effect = f(with stage) - f(without stage)).
 Per-stage metrics take [N] vectors of per-example effects; ``top_stage_agreement`` takes
-[stages, N] matrices.
+[stages, N] matrices; ``same_ranking`` takes one effect per stage.
 """
 
 from __future__ import annotations
@@ -39,3 +39,10 @@ def top_stage_agreement(estimate: np.ndarray, truth: np.ndarray) -> float:
     """Fraction of examples for which both name the same most accountable stage (the stage of
     largest absolute effect); rows are stages, columns examples."""
     return float(np.mean(np.abs(estimate).argmax(0) == np.abs(truth).argmax(0)))
+
+
+def same_ranking(estimate: np.ndarray, truth: np.ndarray) -> bool:
+    """Whether both order the stages alike by effect, largest (signed) first: ``estimate`` and
+    ``truth`` hold one effect per stage. Ties keep the stages' order."""
+    order = np.argsort(-np.asarray(estimate), kind="stable")
+    return bool(np.array_equal(order, np.argsort(-np.asarray(truth), kind="stable")))

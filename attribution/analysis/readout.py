@@ -1,89 +1,68 @@
 """The two read-outs: from stage embeddings to stage effects on a behaviour.
 
-A stage embedding SE_k is a dict {parameter name: tensor} estimating theta_T^(-k) - theta_T, the
-offset from the final parameters to those of the run without stage k (names it lacks have offset
-0). With the project's sign convention effect_k(f) = f(theta_T) - f(theta_T^(-k)):
+A stage embedding SE_k is a dict {name: tensor} estimating theta_T^(-k) - theta_T, the offset from
+the final model's state to that of the run without stage k, over its parameters and, where the
+estimator gives them, its floating-point buffers (BatchNorm running statistics; names it lacks
+have offset 0). With the project's sign convention effect_k(f) = f(theta_T) - f(theta_T^(-k)):
 
-- linear: effect_k(f) ~= -<grad f(theta_T), SE_k>, one forward-mode ``torch.func.jvp`` of the
-  batch's per-example quantities along SE_k;
-- evaluated: effect_k(f) ~= f(theta_T) - f(theta_T + SE_k), one forward pass; exact whenever SE_k
-  is.
+- linear: effect_k(f) ~= -<grad f(theta_T), SE_k>, one forward-mode jvp of the batch's
+  per-example quantities along SE_k (``attribution.record.evaluation.directional``);
+- evaluated: effect_k(f) ~= f(theta_T) - f(theta_T + SE_k), one forward pass; exact whenever
+  SE_k is.
 
-Both run per example in batches of ``batch_size`` examples, so memory is bounded by one batch's
-forward pass (never an N x p matrix of per-example gradients), and return per-example effects
-([N] float64, in the units of the quantity) that ``behaviour_effects`` aggregates.
+The final model is a ``ModelAt`` (eval mode, its checkpoint's buffers). Both read-outs run per
+example in batches of ``batch_size`` examples, so memory is bounded by one batch's forward pass
+(never an N x p matrix of per-example gradients), and return per-example effects ([N] float64,
+in the units of the quantity) that ``behaviour_effects`` aggregates.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from functools import partial
+from collections.abc import Mapping
 
 import torch
-from torch import Tensor, nn
-from torch.func import jvp
+from torch import Tensor
 
 from attribution.analysis.behaviors import Behavior
 from attribution.record.errors import StagetraceError
-from attribution.record.evaluation import per_example
+from attribution.record.evaluation import ModelAt, directional
 
 Embeddings = Mapping[str, Mapping[str, Tensor]]
 
 
 def linear_effects(
-    model: nn.Module,
-    params: Mapping[str, Tensor],
+    model: ModelAt,
     embeddings: Embeddings,
     inputs: Tensor,
     targets: Tensor,
     quantity: str,
     batch_size: int = 512,
 ) -> dict[str, Tensor]:
-    """Per stage, the [N] float64 effects -<grad f(theta_T), SE_k> of the per-example quantity.
-
-    ``params`` are the final model's parameters theta_T; ``model`` is only the function (run with
-    ``params`` and its own buffers). One jvp per stage per batch.
-    """
-    params = _detached(params)
-    effects = {}
-    for stage, embedding in _checked(params, embeddings).items():
-        tangent = {
-            n: embedding[n] if n in embedding else torch.zeros_like(p) for n, p in params.items()
-        }
-        derivative = partial(_directional, model, params, tangent, quantity)
-        effects[stage] = -_batched(derivative, inputs, targets, batch_size, _device(params, inputs))
-    return effects
+    """Per stage, the [N] float64 effects -<grad f(theta_T), SE_k> of the per-example quantity,
+    ``model`` being the final model theta_T. One jvp per stage per batch."""
+    return {
+        stage: -directional(model, embedding, inputs, targets, quantity, batch_size)
+        for stage, embedding in _checked(model, embeddings).items()
+    }
 
 
-@torch.no_grad()
 def evaluated_effects(
-    model: nn.Module,
-    params: Mapping[str, Tensor],
+    model: ModelAt,
     embeddings: Embeddings,
     inputs: Tensor,
     targets: Tensor,
     quantity: str,
     batch_size: int = 512,
 ) -> dict[str, Tensor]:
-    """Per stage, the [N] float64 effects f(theta_T) - f(theta_T + SE_k) per example.
-
-    ``params`` are the final model's parameters theta_T; ``model`` is only the function (run with
-    the given parameters and its own buffers). One forward pass per stage per batch, plus one for
-    f(theta_T).
-    """
-    params = _detached(params)
-    checked = _checked(params, embeddings)
-
-    def quantity_at(point: Mapping[str, Tensor]) -> Tensor:
-        run = partial(per_example, model, point, quantity=quantity)
-        return _batched(run, inputs, targets, batch_size, _device(params, inputs))
-
-    final = quantity_at(params)
-    effects = {}
-    for stage, embedding in checked.items():
-        shifted = {n: p + embedding[n] if n in embedding else p for n, p in params.items()}
-        effects[stage] = final - quantity_at(shifted)
-    return effects
+    """Per stage, the [N] float64 effects f(theta_T) - f(theta_T + SE_k) per example,
+    ``model`` being the final model theta_T. One forward pass per stage per batch, plus one for
+    f(theta_T)."""
+    checked = _checked(model, embeddings)
+    final = model.values(inputs, targets, quantity, batch_size)
+    return {
+        stage: final - model.moved(embedding).values(inputs, targets, quantity, batch_size)
+        for stage, embedding in checked.items()
+    }
 
 
 def behaviour_effects(
@@ -102,76 +81,31 @@ def behaviour_effects(
     return out
 
 
-def _detached(params: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    return {n: p.detach() for n, p in params.items()}
-
-
-def _directional(
-    model: nn.Module,
-    params: Mapping[str, Tensor],
-    tangent: Mapping[str, Tensor],
-    quantity: str,
-    inputs: Tensor,
-    targets: Tensor,
-) -> Tensor:
-    """<grad f(params), tangent> for each example's quantity f: one forward-mode jvp."""
-    f = partial(per_example, model, inputs=inputs, targets=targets, quantity=quantity)
-    return jvp(f, (dict(params),), (dict(tangent),))[1]
-
-
-def _checked(params: Mapping[str, Tensor], embeddings: Embeddings) -> dict[str, dict[str, Tensor]]:
-    """Embeddings cast to their parameters' dtype and device, after checking names, shapes and
-    values."""
+def _checked(model: ModelAt, embeddings: Embeddings) -> dict[str, dict[str, Tensor]]:
+    """Embeddings on the model's device (float64), after checking names, shapes and values:
+    offsets may address the final model's parameters and floating-point buffers."""
+    point = model.point
     checked = {}
     for stage, embedding in embeddings.items():
         checked[stage] = {}
         for name, offset in embedding.items():
-            if name not in params:
-                known = ", ".join(list(params)[:8]) + (", ..." if len(params) > 8 else "")
+            if name not in point:
+                known = ", ".join(list(point)[:8]) + (", ..." if len(point) > 8 else "")
                 raise StagetraceError(
-                    f"stage embedding {stage!r}: key {name!r} is not a parameter of the final "
-                    f"model (parameters: {known}). Fix: key stage embeddings by the final model's "
-                    "parameter names"
+                    f"stage embedding {stage!r}: key {name!r} is not a parameter or "
+                    f"floating-point buffer of the final model (they are: {known}). Fix: key "
+                    "stage embeddings by the final model's parameter and buffer names"
                 )
-            if offset.shape != params[name].shape:
+            if offset.shape != point[name].shape:
                 raise StagetraceError(
                     f"stage embedding {stage!r}: key {name!r} has shape {list(offset.shape)}, the "
-                    f"parameter has shape {list(params[name].shape)}. Fix: give an offset of the "
-                    "parameter's shape (theta_T^(-k) - theta_T)"
+                    f"model's tensor has shape {list(point[name].shape)}. Fix: give an offset of "
+                    "its shape (theta_T^(-k) - theta_T)"
                 )
             if not torch.isfinite(offset).all():
                 raise StagetraceError(
                     f"stage embedding {stage!r}: key {name!r} holds NaN or infinite values. "
                     "Fix: recompute the embedding (check the estimator's inputs for divergence)"
                 )
-            checked[stage][name] = offset.to(params[name])
+            checked[stage][name] = offset.to(point[name].device, torch.float64)
     return checked
-
-
-def _device(params: Mapping[str, Tensor], inputs: Tensor) -> torch.device:
-    """Where the model's parameters live (batches are moved there one at a time)."""
-    return next(iter(params.values()), inputs).device
-
-
-def _batched(
-    fn: Callable[[Tensor, Tensor], Tensor],
-    inputs: Tensor,
-    targets: Tensor,
-    batch_size: int,
-    device: torch.device,
-) -> Tensor:
-    """``fn(inputs, targets)`` [N], run on ``device`` over batches of at most ``batch_size``
-    examples, returned as float64 on the CPU."""
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise StagetraceError(
-            f"batch_size {batch_size!r} is not a positive integer. Fix: give the number of "
-            "examples per forward pass, e.g. 512"
-        )
-    return torch.cat(
-        [
-            fn(inputs[i : i + batch_size].to(device), targets[i : i + batch_size].to(device))
-            .detach()
-            .to("cpu", torch.float64)
-            for i in range(0, len(targets), batch_size)
-        ]
-    )

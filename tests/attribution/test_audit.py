@@ -20,8 +20,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch.utils.data import TensorDataset
 
-from attribution.analysis.audit import audit, load_behaviors, validate
-from attribution.analysis.cli import fidelity_table
+from attribution.analysis.audit import audit, load_behaviors
+from attribution.analysis.validate import validate
 from attribution.record import SIGN_CONVENTION
 from attribution.record.counterfactual import as_model, skip_stage
 from attribution.record.errors import SpecError, StagetraceError
@@ -30,7 +30,7 @@ from attribution.record.references import Ref
 from attribution.record.trajectory import Trajectory
 from estimators import EVIDENCE
 from experiments.data import mnist
-from tests.attribution.test_bad_inputs import (
+from tests.helpers import (
     PRETRAIN_END,
     check_cli_error,
     check_message,
@@ -220,16 +220,15 @@ def test_e0_evaluated_audit_of_the_last_stage_is_the_true_effect(
 ):
     traj = Trajectory.open(shared_run)
     result = audit(traj, "e0", load_behaviors(behaviors_file), readout="evaluated")
-    assert result["estimator"]["name"] == "e0" and result["readout"] == "evaluated"
-    assert result["sign_convention"] == SIGN_CONVENTION
+    assert result.estimator.name == "e0" and result.estimator.label == "e0"
+    assert result.readout == "evaluated" and result.sign_convention == SIGN_CONVENTION
     truth = true_effects(shared_run, quantity)["adapt"]
     assert np.abs(truth).max() > 1e-4  # the last stage matters, so the check has teeth
     name = f"test_{quantity}"
-    np.testing.assert_allclose(
-        result["behaviors"][name]["effects"]["adapt"], truth, rtol=0, atol=1e-5
-    )
-    assert result["behaviors"][name]["mean_effect"]["adapt"] == pytest.approx(
-        truth.mean(), abs=1e-6
+    np.testing.assert_allclose(result.behaviors[name].effects["adapt"], truth, rtol=0, atol=1e-5)
+    assert result.behaviors[name].mean_effect["adapt"] == pytest.approx(truth.mean(), abs=1e-6)
+    assert result.to_json()["behaviors"][name]["effects"]["adapt"] == list(
+        result.behaviors[name].effects["adapt"]
     )
 
 
@@ -263,7 +262,7 @@ def test_validate_compares_every_estimator_and_readout_with_retraining(
         for r in ("linear", "evaluated")
         for b in PER_EXAMPLE
         for s in STAGES
-    }  # the group behaviour is an aggregate of the same effects: skipped
+    }
     for row in rows:
         for metric in METRICS:
             low = -1.0 if metric in ("pearson", "spearman") else 0.0
@@ -289,26 +288,64 @@ def test_validate_compares_every_estimator_and_readout_with_retraining(
         for row in (r for r in rows if r["behavior"] == f"test_{quantity}"):
             assert row["mean_effect_true"] == pytest.approx(truth[row["stage"]].mean(), abs=1e-6)
 
-    # The printed Markdown table: a header, a rule and one line per row.
-    assert fidelity_table(result) in out
+    # The group behaviour: one row per estimator, read-out, output and stage, its true effect
+    # the group mean of the independent per-example effects.
+    group_rows = result["group_rows"]
+    assert len(group_rows) == 3 * 2 * 2 * 3
+    loss, y = true_effects(shared_run, "loss"), labels()
+    for row in group_rows:
+        group = row["output"].removeprefix("groups[").removesuffix("]")
+        expected = loss[row["stage"]][np.isin(y, GROUPS[group])].mean()
+        assert row["true"] == pytest.approx(expected, abs=1e-6)
+        assert row["abs_error"] == pytest.approx(abs(row["estimated"] - row["true"]), abs=1e-12)
+    for row in (r for r in group_rows if (r["estimator"], r["readout"]) == ("e0", "evaluated")):
+        if row["stage"] == "adapt":
+            assert row["estimated"] == pytest.approx(row["true"], abs=1e-6) and row["sign_right"]
+
+    # The printed Markdown tables: a header, a rule and one line per row, each.
     lines = out.splitlines()
     assert lines[0].startswith("| estimator | read-out | behaviour | stage |")
     assert set(lines[1]) == {"|", "-"}
     table = [line for line in lines if line.startswith(("| e0 |", "| e1 |", "| e2 |"))]
-    assert len(table) == len(rows)
-    assert all(line.count("|") == lines[0].count("|") for line in table)
+    assert len(table) == len(rows) + len(group_rows)
+    per_example_lines = [line for line in table if "| groups[" not in line]
+    assert all(line.count("|") == lines[0].count("|") for line in per_example_lines)
+    for line, row in zip(per_example_lines, rows, strict=True):
+        assert line.startswith(f"| {row['estimator']} | {row['readout']} | {row['behavior']} |")
+        assert f"| {row['pearson']:.3f} |" in line
+    group_lines = [line for line in table if "| groups[" in line]
+    for line, row in zip(group_lines, group_rows, strict=True):
+        assert line.startswith(f"| {row['estimator']} | {row['readout']} | {row['output']} |")
+        assert f"| {row['estimated']:+.4f} | {row['true']:+.4f} |" in line
+    assert "stage ranking right" in out
     assert out.splitlines()[-1] == f"-> {shared_run / 'validation.json'}"
 
 
-def test_validate_api_skips_group_behaviours_and_needs_a_per_example_one(
-    shared_run, behaviors_file
-):
+def test_validate_api_reports_group_behaviours_alone_too(shared_run, behaviors_file):
     behaviors = load_behaviors(behaviors_file)
     result = validate(Trajectory.open(shared_run), ["e0"], ["evaluated"], behaviors)
-    assert {r["behavior"] for r in result["rows"]} == set(PER_EXAMPLE)
+    assert {r.behavior for r in result.rows} == set(PER_EXAMPLE)
+    assert {r.behavior for r in result.group_rows} == {"groups"}
+    alone = validate(Trajectory.open(shared_run), ["e0"], ["evaluated"], {"g": behaviors["groups"]})
+    assert alone.rows == [] and len(alone.group_rows) == 2 * 3
+    assert [r.true for r in alone.group_rows] == [r.true for r in result.group_rows]
     with pytest.raises(SpecError) as info:
-        validate(Trajectory.open(shared_run), ["e0"], ["evaluated"], {"g": behaviors["groups"]})
-    check_message(info.value, "per_example")
+        validate(Trajectory.open(shared_run), ["e0"], ["evaluated"], {})
+    check_message(info.value, "behaviour")
+
+
+def test_validate_refuses_settings_for_an_estimator_not_run(shared_run, behaviors_file):
+    before = tree_bytes(shared_run)
+    with pytest.raises(SpecError) as info:
+        validate(
+            Trajectory.open(shared_run),
+            ["e0"],
+            ["evaluated"],
+            load_behaviors(behaviors_file),
+            settings={"e3": {"rank": 2}},
+        )
+    check_message(info.value, "settings.e3", "not run")
+    assert tree_bytes(shared_run) == before
 
 
 # Bad input: exit 2, a message naming the thing and the fix, the run untouched.
@@ -594,7 +631,8 @@ def test_setting_reaches_the_estimator_and_bad_ones_are_refused(run_copy, behavi
         load_behaviors(behaviors_file),
         settings={"rank": 2, "at": "end", "sample": 16},
     )
-    assert api["behaviors"]["test_loss"]["effects"] == result["behaviors"]["test_loss"]["effects"]
+    assert api.behaviors["test_loss"].effects == result["behaviors"]["test_loss"]["effects"]
+    assert api.estimator.label == result["estimator"]["label"] == "e3(at=end, rank=2, sample=16)"
     before = tree_bytes(run_copy)
     for bad, named in [("e3.rank", "EST.KEY=VALUE"), ("e3.rank=-1", "e3.rank")]:
         code, out, err = cli(capsys, "audit", run_copy, *argv, "--setting", bad)

@@ -11,7 +11,7 @@ from torch.utils.data import TensorDataset
 
 from attribution.analysis.behaviors import Behavior
 from attribution.record.errors import SpecError, StagetraceError
-from attribution.record.evaluation import per_example
+from attribution.record.evaluation import ModelAt, per_example
 from attribution.record.references import Ref
 from experiments.models import MLP
 
@@ -28,12 +28,12 @@ def test_loss_is_per_example_cross_entropy():
     shifted = MLP(hidden=[8])
     shifted.load_state_dict(params)
     expected = F.cross_entropy(shifted(inputs), targets, reduction="none")
-    got = per_example(model, params, inputs, targets, "loss")
+    got = per_example(ModelAt.of(model, model.state_dict()), params, inputs, targets, "loss")
     torch.testing.assert_close(got, expected)
 
 
 def test_loss_and_margin_by_hand_on_three_classes():
-    identity = nn.Identity()  # the "model" returns its inputs as logits
+    identity = ModelAt.of(nn.Identity(), {})  # the "model" returns its inputs as logits
     loss = per_example(identity, {}, LOGITS, LABELS, "loss")
     by_hand = [
         -2.0 + math.log(math.exp(2.0) + math.exp(1.0) + math.exp(-1.0)),
@@ -48,7 +48,7 @@ def test_loss_and_margin_by_hand_on_three_classes():
 
 def test_unknown_quantity_in_per_example():
     with pytest.raises(SpecError, match=r"quantity.*Fix"):
-        per_example(nn.Identity(), {}, LOGITS, LABELS, "accuracy")
+        per_example(ModelAt.of(nn.Identity(), {}), {}, LOGITS, LABELS, "accuracy")
 
 
 def test_per_example_weights_are_the_identity_not_materialised():
@@ -184,3 +184,98 @@ def test_group_by_needs_group_ids_and_a_known_value():
     with pytest.raises(SpecError) as info:
         Behavior("g", DATA, aggregate="group_mean", groups={"a": [1]}, group_by="colour")
     assert info.value.field == "behaviors.g.group_by"
+
+
+def test_correct_is_one_where_the_largest_logit_is_the_label():
+    identity = ModelAt.of(nn.Identity(), {})
+    got = per_example(identity, {}, LOGITS, LABELS, "correct")
+    torch.testing.assert_close(got, torch.tensor([1.0, 0.0, 0.0]))  # row 3: a tie goes to 0
+
+
+@pytest.fixture
+def grouped_model():
+    torch.manual_seed(3)
+    module = nn.Linear(3, 2)
+    return ModelAt.of(module, module.state_dict())
+
+
+@pytest.mark.parametrize("quantity", ["loss", "margin"])
+def test_function_is_the_aggregate_of_the_per_example_values(grouped_model, quantity):
+    inputs, labels, groups = grouped_data_fixed().tensors
+    by_hand = per_example(grouped_model, {}, inputs, labels, quantity).double()
+    cases = {
+        "per_example": (Behavior("f", FIXED, quantity), by_hand),
+        "group_mean": (
+            Behavior(
+                "f",
+                FIXED,
+                quantity,
+                "group_mean",
+                {"a": [0, 3], "b": [1]},
+                group_by="group",
+            ),
+            torch.stack(
+                [
+                    by_hand[torch.isin(groups, torch.tensor([0, 3]))].mean(),
+                    by_hand[groups == 1].mean(),
+                ]
+            ),
+        ),
+        "group_gap": (
+            Behavior(
+                "f", FIXED, quantity, "group_gap", {"a": [0, 3], "b": [1]}, ("a", "b"), "group"
+            ),
+            (
+                by_hand[torch.isin(groups, torch.tensor([0, 3]))].mean()
+                - by_hand[groups == 1].mean()
+            )[None],
+        ),
+    }
+    for aggregate, (behavior, expected) in cases.items():
+        function = behavior.function(grouped_model)
+        got = function(dict(grouped_model.params))
+        torch.testing.assert_close(got.double(), expected, atol=1e-6, rtol=0, msg=aggregate)
+        names, _ = behavior.weights(groups)
+        values = behavior.values(grouped_model, batch_size=2)
+        assert list(values) == names
+        torch.testing.assert_close(
+            torch.tensor(list(values.values()), dtype=torch.float64), expected, atol=1e-6, rtol=0
+        )
+
+
+def test_function_is_differentiable_in_the_parameters(grouped_model):
+    behavior = Behavior(
+        "f", FIXED, "loss", "group_gap", {"a": [0, 3], "b": [1]}, ("a", "b"), "group"
+    )
+    scalar = behavior.scalar(grouped_model)
+    params = {n: p.clone().requires_grad_(True) for n, p in grouped_model.params.items()}
+    value = scalar(params)
+    assert value.ndim == 0
+    (gradient,) = torch.autograd.grad(value, [params["bias"]])
+    # finite difference along the bias
+    step = 1e-3
+    moved = {**params, "bias": params["bias"].detach() + torch.tensor([step, 0.0])}
+    back = {**params, "bias": params["bias"].detach() - torch.tensor([step, 0.0])}
+    slope = (scalar(moved) - scalar(back)) / (2 * step)
+    assert float(gradient[0]) == pytest.approx(float(slope.detach()), abs=1e-3)
+
+
+def test_scalar_refuses_a_behaviour_of_several_outputs(grouped_model):
+    behavior = Behavior("f", FIXED, aggregate="group_mean", groups={"a": [0], "b": [1]})
+    with pytest.raises(SpecError, match="Fix: ") as info:
+        behavior.scalar(grouped_model)
+    assert info.value.field == "behaviors.f"
+    with pytest.raises(SpecError):
+        Behavior("f", FIXED).check_scalar()
+    Behavior("f", FIXED, aggregate="group_mean", groups={"a": [0]}).check_scalar()
+
+
+def grouped_data_fixed() -> TensorDataset:
+    """Eight examples of three features, two classes and group ids 0..3."""
+    generator = torch.Generator().manual_seed(5)
+    labels = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1])
+    groups = torch.tensor([0, 1, 3, 0, 1, 2, 3, 3])
+    return TensorDataset(torch.randn(8, 3, generator=generator), labels, groups)
+
+
+FIXED = Ref("tests.attribution.test_behaviors:grouped_data_fixed")

@@ -88,7 +88,7 @@ def test_counterfactual_skipping_the_last_stage_is_its_start(run_copy, capsys):
 
     code, out, err = cli(capsys, "counterfactual", run_copy, "--skip", "adapt")
     assert (code, err) == (0, "")
-    assert "skip adapt: reused in" in out
+    assert "skip adapt: reused (computed earlier in" in out
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == stored
 
 

@@ -179,3 +179,15 @@ def test_top_stage_agreement_matches_a_loop_over_examples(seed):
         for i in range(30)
     ]
     assert metrics.top_stage_agreement(estimate, truth) == pytest.approx(np.mean(hits), abs=1e-15)
+
+
+# Stage ranking: the order of the stages by effect, largest (signed) first.
+
+
+def test_same_ranking_by_hand():
+    truth = np.array([0.3, -1.0, 0.1])  # order: stage 0, 2, 1
+    assert metrics.same_ranking(np.array([5.0, -2.0, 0.0]), truth) is True
+    assert metrics.same_ranking(np.array([0.1, -1.0, 0.3]), truth) is False  # 2 before 0
+    # signed, not by magnitude: stage 1 has the largest |effect| but the smallest effect
+    assert metrics.same_ranking(np.array([0.3, 1.0, 0.1]), truth) is False
+    assert metrics.same_ranking(np.array([1.0, 1.0, 0.5]), np.array([2.0, 1.0, 0.0])) is True

@@ -12,6 +12,7 @@ from attribution.analysis.behaviors import Behavior
 from attribution.analysis.readout import behaviour_effects, evaluated_effects, linear_effects
 from attribution.record.counterfactual import as_model, skip_stage
 from attribution.record.errors import StagetraceError
+from attribution.record.evaluation import ModelAt
 from attribution.record.pipeline import run_pipeline
 from attribution.record.references import Ref
 from attribution.record.spec import PipelineSpec
@@ -37,6 +38,11 @@ def model():
 
 def params_of(model):
     return dict(model.named_parameters())
+
+
+def at(model):
+    """``model`` as the read-outs take it: a function at its own state."""
+    return ModelAt.of(model, {n: v.detach().clone() for n, v in model.state_dict().items()})
 
 
 def random_embeddings(model, scale=0.1):
@@ -89,7 +95,7 @@ def test_linear_equals_minus_per_example_gradient_dot_embedding(model, data, qua
         for stage, embedding in embeddings.items():
             dot = sum((model.get_parameter(n).grad * se).sum() for n, se in embedding.items())
             expected[stage][i] = -dot
-    got = linear_effects(model, params_of(model), embeddings, inputs, targets, quantity)
+    got = linear_effects(at(model), embeddings, inputs, targets, quantity)
     assert set(got) == set(expected)
     for stage in embeddings:
         assert got[stage].dtype == torch.float64 and got[stage].shape == (20,)
@@ -102,7 +108,7 @@ def test_evaluated_equals_forward_passes_of_shifted_models(model, data, quantity
     embeddings = random_embeddings(model)
     params = {n: p.detach() for n, p in params_of(model).items()}
     final = quantities_by_forward(model, inputs, targets, quantity)
-    got = evaluated_effects(model, params, embeddings, inputs, targets, quantity)
+    got = evaluated_effects(at(model), embeddings, inputs, targets, quantity)
     for stage, embedding in embeddings.items():
         shifted = {n: p + embedding[n] if n in embedding else p for n, p in params.items()}
         expected = final - quantities_by_forward(
@@ -128,7 +134,7 @@ def test_evaluated_of_an_exact_embedding_is_the_true_effect(pipeline, quantity):
     for stage in pipeline.names:
         counterfactual = as_model(pipeline, skip_stage(pipeline, stage).state).double()
         embedding = {n: p - params[n] for n, p in counterfactual.named_parameters()}
-        got = evaluated_effects(final, params, {stage: embedding}, inputs, targets, quantity)
+        got = evaluated_effects(at(final), {stage: embedding}, inputs, targets, quantity)
         truth = quantities_by_forward(final, inputs, targets, quantity) - quantities_by_forward(
             counterfactual, inputs, targets, quantity
         )
@@ -139,8 +145,8 @@ def test_evaluated_of_an_exact_embedding_is_the_true_effect(pipeline, quantity):
 def test_linear_matches_evaluated_to_first_order(model, data):
     inputs, targets = data
     tiny_embeddings = random_embeddings(model, scale=1e-4)
-    linear = linear_effects(model, params_of(model), tiny_embeddings, inputs, targets, "loss")
-    evaluated = evaluated_effects(model, params_of(model), tiny_embeddings, inputs, targets, "loss")
+    linear = linear_effects(at(model), tiny_embeddings, inputs, targets, "loss")
+    evaluated = evaluated_effects(at(model), tiny_embeddings, inputs, targets, "loss")
     for stage in tiny_embeddings:
         error = (linear[stage] - evaluated[stage]).norm() / evaluated[stage].norm()
         assert error < 1e-2, stage
@@ -152,10 +158,10 @@ def test_batching_changes_nothing_and_bounds_the_batch(model, data, readout):
     sizes = []
     model.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
     embeddings = random_embeddings(model)
-    whole = readout(model, params_of(model), embeddings, inputs, targets, "loss", batch_size=512)
+    whole = readout(at(model), embeddings, inputs, targets, "loss", batch_size=512)
     assert max(sizes) == 20
     sizes.clear()
-    batched = readout(model, params_of(model), embeddings, inputs, targets, "loss", batch_size=7)
+    batched = readout(at(model), embeddings, inputs, targets, "loss", batch_size=7)
     assert max(sizes) == 7 and sum(sizes) % 20 == 0
     for stage in embeddings:
         torch.testing.assert_close(batched[stage], whole[stage], atol=1e-6, rtol=0)
@@ -178,7 +184,7 @@ def test_behaviour_effects_aggregate_per_example_effects():
 @pytest.mark.parametrize("readout", [linear_effects, evaluated_effects])
 def test_bad_embeddings_are_refused(model, data, readout):
     inputs, targets = data
-    params = params_of(model)
+    final = at(model)
     bad = {
         "unknown key": ({"s": {"fc9.weight": torch.zeros(3)}}, r"'s'.*'fc9\.weight'.*Fix: "),
         "wrong shape": (
@@ -189,6 +195,6 @@ def test_bad_embeddings_are_refused(model, data, readout):
     }
     for embeddings, message in bad.values():
         with pytest.raises(StagetraceError, match=message):
-            readout(model, params, embeddings, inputs, targets, "loss")
+            readout(final, embeddings, inputs, targets, "loss")
     with pytest.raises(StagetraceError, match=r"batch_size.*Fix: "):
-        readout(model, params, random_embeddings(model), inputs, targets, "loss", batch_size=0)
+        readout(final, random_embeddings(model), inputs, targets, "loss", batch_size=0)
