@@ -42,7 +42,7 @@ from torch.func import grad, vmap
 
 from attribution.analysis.readout import evaluated_effects, linear_effects
 from attribution.record.counterfactual import check_skippable, retrain_after
-from attribution.record.evaluation import per_example
+from attribution.record.evaluation import ModelAt, final_model, per_example
 from attribution.record.pipeline import run_pipeline
 from attribution.record.references import load_dataset
 from attribution.record.spec import PipelineSpec
@@ -212,16 +212,15 @@ def infer(model: nn.Module, inputs: Tensor, batch_size: int) -> None:
 
 
 def readout_throughput(
-    model: nn.Module, embeddings: Embeddings, inputs: Tensor, targets: Tensor, repeats: int
+    model: ModelAt, embeddings: Embeddings, inputs: Tensor, targets: Tensor, repeats: int
 ) -> Throughput:
     """Examples/s of inference and of both read-outs (quantity loss), in one process."""
-    params = dict(model.named_parameters())
 
     def readout(fn: Callable[..., Any]) -> Callable[[], Any]:
-        return lambda: fn(model, params, embeddings, inputs, targets, "loss", READOUT_BATCH)
+        return lambda: fn(model, embeddings, inputs, targets, "loss", READOUT_BATCH)
 
     n = len(targets)
-    _, inference = timed(lambda: infer(model, inputs, READOUT_BATCH), repeats)
+    _, inference = timed(lambda: infer(model.module, inputs, READOUT_BATCH), repeats)
     _, linear = timed(readout(linear_effects), repeats)
     _, evaluated = timed(readout(evaluated_effects), repeats)
     return Throughput(n, len(embeddings), n / inference, n / linear, n / evaluated)
@@ -233,11 +232,11 @@ def as_parameters(embeddings: Embeddings, params: Mapping[str, Tensor]) -> Embed
 
 
 def vmap_gradient_effects(
-    model: nn.Module, embeddings: Embeddings, inputs: Tensor, targets: Tensor
+    model: ModelAt, embeddings: Embeddings, inputs: Tensor, targets: Tensor
 ) -> dict[str, Tensor]:
     """Per stage, [N] float64 -<grad loss_i, SE_k> from per-example gradients
     (``vmap(grad)``, ``GRADIENT_BATCH`` examples at a time)."""
-    params = {n: p.detach() for n, p in model.named_parameters()}
+    params = dict(model.params)
     tangents = as_parameters(embeddings, params)
 
     def loss(point: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
@@ -253,12 +252,14 @@ def vmap_gradient_effects(
 
 
 def loop_gradient_effects(
-    model: nn.Module, embeddings: Embeddings, inputs: Tensor, targets: Tensor
+    model: ModelAt, embeddings: Embeddings, inputs: Tensor, targets: Tensor
 ) -> dict[str, Tensor]:
-    """Per stage, [N] float64 -<grad loss_i, SE_k> from one ``backward`` per example.
+    """Per stage, [N] float64 -<grad loss_i, SE_k> from one ``backward`` per example of the
+    module itself (eval mode, holding the final state).
 
-    Makes every parameter of ``model`` require gradients (frozen ones have offsets too)."""
-    params = dict(model.named_parameters())
+    Makes every parameter of the module require gradients (frozen ones have offsets too)."""
+    module = model.module
+    params = dict(module.named_parameters())
     for p in params.values():
         p.requires_grad_(True)
     tangents = as_parameters(embeddings, params)
@@ -266,7 +267,7 @@ def loop_gradient_effects(
     for i in range(len(targets)):
         for p in params.values():
             p.grad = None
-        F.cross_entropy(model(inputs[i : i + 1]), targets[i : i + 1]).backward()
+        F.cross_entropy(module(inputs[i : i + 1]), targets[i : i + 1]).backward()
         for stage, tangent in tangents.items():
             effects[stage][i] = -sum((params[n].grad * t).sum() for n, t in tangent.items())
     return effects
@@ -278,13 +279,12 @@ def max_abs_diff(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> float:
 
 
 def gradient_comparison(
-    model: nn.Module, embeddings: Embeddings, inputs: Tensor, targets: Tensor, repeats: int
+    model: ModelAt, embeddings: Embeddings, inputs: Tensor, targets: Tensor, repeats: int
 ) -> list[GradientRow]:
     """The jvp read-out against per-example gradients on the same examples; refuses (exit 1)
     if they disagree by ``TOLERANCE`` or more."""
-    params = dict(model.named_parameters())
     jvp, jvp_s = timed(
-        lambda: linear_effects(model, params, embeddings, inputs, targets, "loss", READOUT_BATCH),
+        lambda: linear_effects(model, embeddings, inputs, targets, "loss", READOUT_BATCH),
         repeats,
     )
     batched, batched_s = timed(
@@ -383,7 +383,7 @@ def benchmark(quick: bool, command: str) -> str:
     repeats = 1 if quick else 3
     costs = [measured_cost(method, root, repeats) for method in METHODS]
     traj = Trajectory.open(root)
-    model = traj.load_model(len(traj.stages) - 1, "end")
+    model = final_model(traj)
     embeddings = E1().embed(traj).offsets
     inputs, targets = mnist(split="test").tensors
     throughput = readout_throughput(model, embeddings, inputs, targets, 1 if quick else 5)

@@ -1,30 +1,27 @@
-"""Test-set metrics of a classifier: mean cross-entropy loss and accuracy."""
+"""Test-set metrics of a classifier: mean cross-entropy loss and accuracy, computed by the one
+evaluator (``attribution.record.evaluation``: eval mode, the checkpoint's own buffers)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
-from torch import nn
 from torch.utils.data import TensorDataset
+
+from attribution.record.evaluation import ModelAt
 
 
 @dataclass(frozen=True)
 class Metrics:
+    """Mean cross-entropy (nats) and accuracy (fraction)."""
+
     loss: float
     accuracy: float
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, data: TensorDataset, batch_size: int = 1000) -> Metrics:
-    """Mean cross-entropy (nats) and accuracy (fraction) of ``model`` on ``data``."""
-    model.eval()
-    inputs, targets = data.tensors
-    total_loss, correct = 0.0, 0
-    for lo in range(0, len(targets), batch_size):
-        logits = model(inputs[lo : lo + batch_size])
-        y = targets[lo : lo + batch_size]
-        total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(1) == y).sum())
-    return Metrics(total_loss / len(targets), correct / len(targets))
+def evaluate(model: ModelAt, data: TensorDataset, batch_size: int = 1000) -> Metrics:
+    """Mean cross-entropy (nats) and accuracy (fraction) of ``model`` on ``data`` (inputs and
+    labels first)."""
+    inputs, targets = data.tensors[:2]
+    loss = model.values(inputs, targets, "loss", batch_size)
+    correct = model.values(inputs, targets, "correct", batch_size)
+    return Metrics(float(loss.mean()), float(correct.mean()))

@@ -104,7 +104,11 @@ def render(reports: Sequence[Mapping[str, Any]], command: str, title: str) -> st
     ]
     for report in reports:
         for row in report["interventions"]:
-            if row["intervention"] == "filter" and row["choice"] == "estimator":
+            if (
+                row["intervention"] == "filter"
+                and row["choice"] == "estimator"
+                and row["dropped_carrier_share"] is not None  # None: not known for the data
+            ):
                 lines.append(
                     f"| {report['seed']} | {row['stage']} | {row['dropped']} | "
                     f"{row['dropped_carrier_share']:.3f} | {row['random_carrier_share']:.3f} |"

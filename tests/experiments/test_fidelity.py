@@ -51,6 +51,7 @@ def test_every_estimator_readout_and_stage_is_scored(smoke_run):
         "seed": 0,
     }
     rows = result["rows"]
+    assert result["failures"] == {} and result["group_rows"] == []  # per-example behaviours only
     stages = ["pretrain", "finetune", "adapt"]
     # the smoke preset runs E3 at rank 5 on 128 examples: its rows say so
     labels = [e if e != "e3" else "e3(rank=5, sample=128)" for e in ESTIMATORS]

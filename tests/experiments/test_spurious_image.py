@@ -22,9 +22,7 @@ from experiments.sections import markers
 from experiments.spurious_report import main as spurious_report
 
 
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("spurious")
+def spurious(run_dir, *overrides, check=True):
     command = [
         sys.executable,
         "-m",
@@ -32,8 +30,15 @@ def smoke_run(tmp_path_factory):
         "experiment=spurious_image",
         "preset=spurious_smoke",
         f"hydra.run.dir={run_dir}",
+        *overrides,
     ]
-    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return subprocess.run(command, capture_output=True, text=True, check=check)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("spurious")
+    done = spurious(run_dir)
     assert "Blamed stage" in done.stdout and "[4/4]" in done.stdout  # report and progress
     return run_dir
 
@@ -56,10 +61,11 @@ def test_report_holds_the_audit_the_truth_and_every_intervention(smoke_run):
             {"split": "test", "stop": 400, "correlation": 0.5, "label_noise": 0.0, "seed": 14},
         )
     ).tensors
-    final = as_model(traj, traj.checkpoint("adapt", "end"))
-    entered = as_model(traj, traj.checkpoint("adapt", "start"))
+    final = as_model(traj, traj.checkpoint("adapt", "end")).eval()
+    entered = as_model(traj, traj.checkpoint("adapt", "start")).eval()
     true_last = misled_loss(final, data) - misled_loss(entered, data)
     assert report["truth"]["adapt"]["misled_loss"] == pytest.approx(true_last, abs=1e-5)
+    assert report["audit"]["estimator"] == "e1" and report["audit"]["behavior"] == "misled_loss"
     estimated = report["audit"]["effects"]["misled_loss"]
     assert estimated["adapt"] == pytest.approx(true_last, abs=1e-5)  # E1 is exact there
     assert report["audit"]["blamed"] == max(estimated, key=estimated.get)
@@ -99,3 +105,20 @@ def test_seed_report_writes_only_its_section(smoke_run, tmp_path):
     assert text.startswith(f"above\n{start}\n") and text.endswith(f"{end}\nbelow\n")
     assert "from 1 runs" in text and f"--out {out}" in text and "carrier share" in text
     assert spurious_report([str(tmp_path / "nothing")]) == 2
+
+
+def test_estimator_settings_reach_the_audit_and_undo_alike(tmp_path):
+    done = spurious(tmp_path, "audit.estimator=e3", "+settings.e3={rank:2,sample:64}")
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["audit"]["estimator"] == "e3(rank=2, sample=64)"
+    # one set of embeddings: the audit blamed with the ones undo used
+    stored = sorted(p.name for p in (tmp_path / "trajectory" / "embeddings").iterdir())
+    assert len(stored) == 1 and stored[0].startswith("e3-"), stored
+    assert "e3(rank=2, sample=64)" in done.stdout
+
+
+def test_settings_for_an_estimator_not_run_are_refused_before_training(tmp_path):
+    done = spurious(tmp_path, "+settings.e3={rank:2}", check=False)
+    assert done.returncode != 0
+    assert "settings.e3" in done.stderr and "Fix:" in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "trajectory").exists()  # nothing was trained
