@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -12,33 +11,7 @@ import pytest
 
 from attribution.record.pipeline import run_pipeline
 from attribution.record.spec import PipelineSpec
-from tests.attribution import tiny
-
-_LORA = [{"kind": "add_lora", "modules": ["fc1"], "rank": 2}]
-_TINY = tiny.config(
-    pretrain=tiny.stage(
-        "pretrain", 1, {"type": "sgd", "momentum": 0.9, "weight_decay": 1e-3}, 0.05
-    ),
-    finetune=tiny.stage(
-        "finetune",
-        2,
-        {"type": "adamw"},
-        1e-3,
-        steps=5,
-        entry=[{"kind": "reinit", "modules": ["head"]}],
-    ),
-    adapt=tiny.stage(
-        "adapt", 3, {"type": "sgd"}, 0.05, steps=4, trainable=["*.lora_*"], entry=_LORA
-    ),
-)
-
-
-def make_tiny_config(**stage_overrides: dict[str, Any]) -> dict[str, Any]:
-    """A fresh copy of the tiny pipeline; ``stage=dict(...)`` updates that stage's settings."""
-    cfg = copy.deepcopy(_TINY)
-    for name, override in stage_overrides.items():
-        cfg["stages"][name].update(copy.deepcopy(override))
-    return cfg
+from tests.attribution.tiny import make_tiny_config
 
 
 @pytest.fixture

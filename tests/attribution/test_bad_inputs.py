@@ -3,19 +3,14 @@ file, field or stage and says how to fix it, and a recorded run left byte-for-by
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
 import pytest
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from attribution.analysis.cli import main
 from attribution.record.counterfactual import skip_stage
 from attribution.record.errors import (
     SpecError,
@@ -27,61 +22,19 @@ from attribution.record.errors import (
 from attribution.record.pipeline import run_pipeline
 from attribution.record.spec import PipelineSpec
 from attribution.record.trajectory import Trajectory
+from tests.helpers import (
+    PRETRAIN_END,
+    check_cli_error,
+    check_message,
+    cli,
+    edit_manifest,
+    manifest,
+    set_sha256,
+    tree_bytes,
+)
 
-PRETRAIN_END = "stages/00-pretrain/end.safetensors"
 FINETUNE_END = "stages/01-finetune/end.safetensors"
 STAGE_NAMES = ("pretrain", "finetune", "adapt")
-
-
-def tree_bytes(root: Path) -> dict[str, bytes]:
-    """Every file under ``root`` by relative POSIX path, with its bytes."""
-    root = Path(root)
-    return {
-        p.relative_to(root).as_posix(): p.read_bytes()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
-
-
-def manifest(run: Path) -> dict[str, Any]:
-    return json.loads((run / "manifest.json").read_text())
-
-
-def edit_manifest(run: Path, change: Callable[[dict[str, Any]], None]) -> None:
-    m = manifest(run)
-    change(m)
-    (run / "manifest.json").write_text(json.dumps(m, indent=2))
-
-
-def set_sha256(run: Path, stage: int, role: str) -> None:
-    """Make the manifest's checksum of a stage file match the file as it is now."""
-    m = manifest(run)
-    info = m["stages"][stage]["files"][role]
-    info["sha256"] = hashlib.sha256((run / info["path"]).read_bytes()).hexdigest()
-    (run / "manifest.json").write_text(json.dumps(m, indent=2))
-
-
-def check_message(exc: BaseException, *names: str) -> str:
-    """The message names every one of ``names`` and says how to fix the problem."""
-    message = str(exc)
-    for name in names:
-        assert name in message, f"{name!r} not named in: {message}"
-    fix = message.partition("Fix:")[2]
-    assert fix.strip(), f"no fix given in: {message}"
-    return message
-
-
-def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def check_cli_error(err: str, *names: str) -> None:
-    assert err.startswith("stagetrace: error:"), err
-    assert "Fix:" in err, err
-    for name in names:
-        assert name in err, f"{name!r} not named in: {err}"
 
 
 # 1. A missing checkpoint file.
@@ -166,6 +119,12 @@ def test_unknown_schema_version_is_refused(run_copy, capsys):
         ("stages[2].kind", lambda m: m["stages"][2].update(kind="distill")),
         ("stages[0].files.end", lambda m: m["stages"][0]["files"].pop("end")),
         ("stages[2].optimizer_policy", lambda m: m["stages"][2].update(optimizer_policy="keep")),
+        ("stages[1].clip_grad_norm", lambda m: m["stages"][1].update(clip_grad_norm=-1)),
+        ("stages[1].verified", lambda m: m["stages"][1].update(verified="yes")),
+        (
+            "stages[1].verification.steps",
+            lambda m: m["stages"][1].update(verification={"step": 0}),
+        ),
     ],
 )
 def test_damaged_manifest_field_is_named(run_copy, capsys, field, damage):
@@ -247,6 +206,11 @@ def test_stage_that_never_trains_is_refused_before_anything_is_written(
             "prune",
         ),
         ({"adapt": {"batch_size": 0}}, "adapt.batch_size", "got 0"),
+        ({"finetune": {"clip_grad_norm": 0}}, "finetune.clip_grad_norm", "got 0"),
+        ({"finetune": {"clip_grad_norm": -1.0}}, "finetune.clip_grad_norm", "got -1.0"),
+        ({"finetune": {"clip_grad_norm": "1"}}, "finetune.clip_grad_norm", "got '1'"),
+        ({"finetune": {"clip_grad_norm": True}}, "finetune.clip_grad_norm", "got True"),
+        ({"finetune": {"clip_grad_norm": math.inf}}, "finetune.clip_grad_norm", "got inf"),
     ],
 )
 def test_invalid_declaration_is_a_spec_error_naming_the_field(tiny_config, overrides, field, named):

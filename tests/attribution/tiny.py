@@ -62,3 +62,26 @@ def three_stage(policy: str = "reset", adapt_policy: str | None = None) -> dict[
             optimizer_policy=adapt_policy or policy,
         ),
     )
+
+
+_LORA = [{"kind": "add_lora", "modules": ["fc1"], "rank": 2}]
+_TINY = config(
+    pretrain=stage("pretrain", 1, {"type": "sgd", "momentum": 0.9, "weight_decay": 1e-3}, 0.05),
+    finetune=stage(
+        "finetune",
+        2,
+        {"type": "adamw"},
+        1e-3,
+        steps=5,
+        entry=[{"kind": "reinit", "modules": ["head"]}],
+    ),
+    adapt=stage("adapt", 3, {"type": "sgd"}, 0.05, steps=4, trainable=["*.lora_*"], entry=_LORA),
+)
+
+
+def make_tiny_config(**stage_overrides: dict[str, Any]) -> dict[str, Any]:
+    """A fresh copy of the tiny pipeline; ``stage=dict(...)`` updates that stage's settings."""
+    cfg = copy.deepcopy(_TINY)
+    for name, override in stage_overrides.items():
+        cfg["stages"][name].update(copy.deepcopy(override))
+    return cfg

@@ -1,32 +1,14 @@
 """E0 and E1 against real skip-stage retraining where they must be exact."""
 
 import pytest
-import torch
 
-from attribution.record.counterfactual import skip_stage
 from attribution.record.pipeline import run_pipeline
 from attribution.record.spec import PipelineSpec
 from estimators.e0 import E0
 from estimators.e1 import E1
 from tests.attribution import tiny
 from tests.estimators import toy
-
-SGD = {"type": "sgd", "momentum": 0.9, "dampening": 0.2, "weight_decay": 0.05}
-NESTEROV = {"type": "sgd", "momentum": 0.8, "nesterov": True, "weight_decay": 0.1}
-SGDW = {"type": "sgdw", "momentum": 0.7, "weight_decay": 0.2}
-ADAMW = {"type": "adamw", "weight_decay": 0.3}
-
-
-def true_offsets(traj, stage):
-    final = traj.checkpoint(len(traj.stages) - 1, "end")
-    skipped = skip_stage(traj, stage).state
-    return {n: skipped[n].double() - final[n].double() for n in final}
-
-
-def assert_offsets_equal(estimate, truth, atol):
-    for name, value in truth.items():
-        got = estimate.get(name, torch.zeros_like(value))
-        torch.testing.assert_close(got, value, rtol=0, atol=atol, msg=name)
+from tests.helpers import ADAMW, NESTEROV, SGD, SGDW, assert_offsets_equal, true_offsets
 
 
 @pytest.mark.parametrize(

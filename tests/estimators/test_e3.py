@@ -14,7 +14,7 @@ from estimators.e1 import E1
 from estimators.e3 import E3, step_mass
 from tests.attribution import tiny
 from tests.estimators import toy
-from tests.estimators.test_e0_e1 import NESTEROV, SGD, SGDW, assert_offsets_equal, true_offsets
+from tests.helpers import NESTEROV, SGD, SGDW, assert_offsets_equal, true_offsets
 
 PLAIN = {"type": "sgd"}
 DECAY = {"type": "sgd", "weight_decay": 0.3}

@@ -19,7 +19,7 @@ from attribution.record.spec import PipelineSpec
 from attribution.record.trajectory import Trajectory
 from estimators import E1, StageEmbeddings, stored_embeddings
 from tests.attribution import tiny
-from tests.attribution.test_bad_inputs import check_message, tree_bytes
+from tests.helpers import check_message, tree_bytes
 
 
 class CountingE1(E1):
