@@ -88,12 +88,12 @@ class Behavior:
         try:
             dataset = load_dataset(self.data)
         except (StagetraceError, ValueError, TypeError) as exc:
-            problem = str(exc).split(". Fix:")[0]
+            problem, _, fix = str(exc).partition(". Fix: ")
             raise SpecError(
                 where,
                 f"cannot build the dataset {self.data.target!r} with {dict(self.data.kwargs)} "
                 f"({problem})",
-                "correct the reference or its keyword arguments",
+                fix or "correct the reference or its keyword arguments",
             ) from exc
         tensors = dataset.tensors if isinstance(dataset, TensorDataset) else ()
         labelled = len(tensors) in (2, 3) and all(

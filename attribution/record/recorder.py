@@ -54,7 +54,7 @@ from attribution.record.pipeline import (
     recorded_threads,
     reinitialise,
 )
-from attribution.record.references import Ref
+from attribution.record.references import Ref, trust_target
 from attribution.record.spec import (
     POLICIES,
     STAGE_KINDS,
@@ -81,9 +81,13 @@ class Recorder:
     """Writes a trajectory under ``root`` (None: in memory) for a model trained by user code.
 
     It holds the directory's lock from its creation until ``finish()`` (or the process ends):
-    a second recording into the same directory is refused meanwhile."""
+    a second recording into the same directory is refused meanwhile. The references given to it
+    in code (model, stage data, a loss ``module:function``) name the user's own modules, so it
+    trusts them in this process (``references.trust``); other processes that open the run need
+    ``--trust-module`` or ``STAGETRACE_TRUST`` for them."""
 
     def __init__(self, root: Path | str | None, model: nn.Module, model_ref: Ref) -> None:
+        trust_target(model_ref.target)
         _check_reference(model, model_ref)
         self.model = model
         self.trajectory = Trajectory.create(root, model_ref)
@@ -110,6 +114,9 @@ class Recorder:
         ``torch.nn.utils.clip_grad_norm_`` on the model's parameters before every step (the
         recorder does not clip; replays do)."""
         check_stage_name(name, f"stage {name!r}")
+        trust_target(data.target)
+        if ":" in loss:
+            trust_target(loss)
         clip = check_clip_grad_norm(clip_grad_norm, f"stage {name}.clip_grad_norm")
         if kind not in STAGE_KINDS:
             raise StagetraceError(

@@ -115,6 +115,13 @@ def trust(*modules: str) -> None:
     _trusted.update(modules)
 
 
+def trust_target(target: str) -> None:
+    """Trust the module of a ``"module:attribute"`` reference that the user named in code."""
+    module = target.partition(":")[0]
+    if module:
+        trust(module)
+
+
 def trusted_modules() -> tuple[str, ...]:
     """The project's packages, then those trusted by ``trust`` and by ``STAGETRACE_TRUST``."""
     from_env = [m.strip() for m in os.environ.get(TRUST_ENV, "").split(",") if m.strip()]

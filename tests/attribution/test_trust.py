@@ -59,3 +59,16 @@ def test_the_environment_and_trust_extend_the_allowlist(monkeypatch):
     assert {"json", "email"} <= set(trusted_modules())
     with pytest.raises(SpecError, match="not a module name"):
         trust("json; rm -rf /")
+
+
+def test_the_recorder_trusts_the_references_its_user_names_in_code(monkeypatch):
+    from attribution.record import references
+    from attribution.record.recorder import Recorder
+    from tests.estimators.toy import Additive
+
+    monkeypatch.setattr(references, "_trusted", set())
+    ref = Ref("tests.estimators.toy:Additive", {"out_features": 2})
+    with pytest.raises(SpecError, match="not trusted"):
+        ref.call()
+    Recorder(None, Additive(out_features=2), ref)
+    assert references.is_trusted("tests.estimators.toy")
