@@ -20,7 +20,12 @@ import torch
 
 from attribution.record.counterfactual import check_complete, retrain_after, skip_stage
 from attribution.record.errors import SpecError, StagetraceError
-from attribution.record.pipeline import continue_stage, recorded_threads, require_batch_order
+from attribution.record.pipeline import (
+    StepCallback,
+    continue_stage,
+    recorded_threads,
+    require_batch_order,
+)
 from attribution.record.references import load_dataset
 from attribution.record.trajectory import StepLog, Trajectory, load_state, snapshot
 from estimators.base import StageEmbeddings
@@ -70,10 +75,11 @@ def undo(traj: Trajectory, embeddings: StageEmbeddings, stage: str | int) -> Int
     return Intervention("undo", name, state, time.perf_counter() - began)
 
 
-def skip(traj: Trajectory, stage: str | int) -> Intervention:
+def skip(traj: Trajectory, stage: str | int, on_step: StepCallback | None = None) -> Intervention:
     """The counterfactual: stages k+1..K retrained without stage k
-    (``attribution.record.counterfactual.skip_stage``, stored and reused)."""
-    result = skip_stage(traj, stage)
+    (``attribution.record.counterfactual.skip_stage``, stored and reused); ``on_step`` sees
+    each retrained step."""
+    result = skip_stage(traj, stage, on_step)
     k = traj.index(stage)
     retrained = sum(r.num_steps for r in traj.stages[k + 1 :])
     return Intervention(
@@ -86,7 +92,10 @@ def skip(traj: Trajectory, stage: str | int) -> Intervention:
 
 
 def filter_and_rerun(
-    traj: Trajectory, stage: str | int, drop: Sequence[int] | torch.Tensor
+    traj: Trajectory,
+    stage: str | int,
+    drop: Sequence[int] | torch.Tensor,
+    on_step: StepCallback | None = None,
 ) -> Intervention:
     """Rerun stage k without the dataset indices ``drop``, then every later stage as recorded.
 
@@ -96,6 +105,7 @@ def filter_and_rerun(
     starts from its recorded start with its entry actions and the optimizer state its policy
     takes (empty for stage 0); the later stages keep their batches, rates and entry actions.
     With nothing dropped this reproduces theta_T bit for bit (the replay is deterministic).
+    ``on_step`` sees each step rerun.
     """
     began = time.perf_counter()
     k = traj.index(stage)
@@ -117,8 +127,8 @@ def filter_and_rerun(
     load_state(model, traj.checkpoint(k, "start"), f"start of stage {record.name}")
     previous = traj.optimizer_state(k - 1, "end") if k else {}
     with recorded_threads(traj):
-        optimizer_state = continue_stage(model, record, filtered, previous)
-    state = retrain_after(traj, k, snapshot(model), optimizer_state)
+        optimizer_state = continue_stage(model, record, filtered, previous, on_step)
+    state = retrain_after(traj, k, snapshot(model), optimizer_state, on_step)
     counts = {
         "dropped_examples": len(dropped),
         "removed_occurrences": int(torch.isin(log.indices, dropped).sum()),

@@ -17,13 +17,16 @@ One run records a pipeline in which one stage carries a spurious marker, then:
    of dropped examples that carry the shortcut (marker agreeing with a noisy label that the digit
    contradicts) against random dropping of the same number.
 
-It writes ``report.json`` (everything, with the sign convention) and ``report.md`` (the human
-report) in the run directory and prints the report. ``experiments.spurious_report`` gathers
-runs over seeds into ``docs/results.md``.
+Every setting is checked before any training (``check_audit``). It writes ``report.json``
+(everything, with the sign convention) and ``report.md`` (the human report, which says what each
+intervention does) in the run directory, prints the report and then the path of ``report.md``.
+With ``logger=offline`` the effects and the interventions are logged as tables.
+``experiments.spurious_report`` gathers runs over seeds into ``docs/results.md``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable, Mapping
@@ -35,7 +38,8 @@ import numpy as np
 from omegaconf import DictConfig
 from torch import Tensor
 
-from attribution.analysis.audit import audit
+from attribution.analysis.audit import audit, check_readouts
+from attribution.analysis.behaviors import Behavior
 from attribution.analysis.interventions import (
     Intervention,
     filter_and_rerun,
@@ -45,14 +49,14 @@ from attribution.analysis.interventions import (
     undo,
 )
 from attribution.record import SIGN_CONVENTION
-from attribution.record.errors import SpecError
+from attribution.record.errors import SpecError, StagetraceError
 from attribution.record.evaluation import ModelAt, final_model
-from attribution.record.pipeline import run_pipeline
 from attribution.record.references import Ref, load_dataset
 from attribution.record.trajectory import Trajectory
-from estimators import StageEmbeddings, build_all, check_evidence, stored_embeddings
+from estimators import Estimator, StageEmbeddings, build_all, check_evidence, stored_embeddings
 from estimators.within_stage import example_scores
-from experiments.tasks.setup import Task
+from experiments.logger import NullLogger, WandbLogger
+from experiments.tasks.setup import Task, write_result
 
 log = logging.getLogger(__name__)
 
@@ -65,25 +69,14 @@ GAP = "shortcut_gap"
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Record the pipeline, audit it, intervene; write and print the report."""
-    task = Task.prepare(cfg, run_dir)
+    task = Task.check(cfg, run_dir)
+    estimator = check_audit(task.config, task.behaviors)
+    task = task.start()
     config, behaviors, logger = task.config, task.behaviors, task.logger
     settings = config["audit"]
-    # Before any training: the estimator and its settings (settings for an estimator that is
-    # not run are refused), and the two behaviours the report follows (one number each).
-    estimator = build_all([settings["estimator"]], config.get("settings") or {})[
-        settings["estimator"]
-    ]
     tracked = (settings["behavior"], GAP)
-    for name in tracked:
-        if name not in behaviors:
-            raise SpecError(
-                f"behaviors.{name}",
-                "is not declared, and the shortcut report follows it",
-                f"declare {name} under behaviors (see conf/experiment/spurious_image.yaml)",
-            )
-        behaviors[name].check_scalar()
     log.info("[1/4] training the pipeline")
-    traj = run_pipeline(task.spec, run_dir / "trajectory", task.progress())
+    traj = task.record()
     batch_size = config["evaluation"]["batch_size"]
     test = GroupData.of(Ref.from_dict(config["evaluation"]["data"], "evaluation.data"))
 
@@ -102,7 +95,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     at_final = {name: _only(behaviors[name].values(model, batch_size)) for name in tracked}
     truth = {}
     for stage in traj.names:
-        skipped = skip(traj, stage)
+        skipped = skip(traj, stage, task.progress(f"without {stage}"))
         without = model.at(skipped.state)
         truth[stage] = {
             **{
@@ -115,11 +108,17 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     rng = np.random.default_rng(config["interventions"]["random_seed"])
     chosen = {"estimator": blamed, "random": str(rng.choice(traj.names)), "oracle": oracle}
 
-    log.info("[4/4] interventions on %s", chosen)
+    log.info(
+        "[4/4] interventions (undo, skip, filter) on the blamed stage %s, a random stage %s "
+        "and the oracle's stage %s",
+        blamed,
+        chosen["random"],
+        oracle,
+    )
     behaviour = behaviors[settings["behavior"]].scalar(model)
     outcomes = []
     for choice, stage in chosen.items():
-        log.info("interventions on %s (%s choice)", stage, choice)
+        log.info("interventions on stage %s (%s)", stage, CHOSEN_BY[choice])
         outcomes += intervene(
             traj,
             stage,
@@ -129,6 +128,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             config["interventions"]["filter_fraction"],
             int(rng.integers(2**31)),
             Scorer(test, model, batch_size),
+            task,
         )
     group_loss = audited.behaviors.get("group_loss")
     report = {
@@ -141,20 +141,103 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             "behavior": settings["behavior"],
             "embedding_seconds": embeddings.seconds,
             "effects": estimated,
+            "labels": {s: dataclasses.asdict(audited.labels[s]) for s in traj.names},
             "group_loss_effect": {s: group_loss.of(s) for s in traj.names} if group_loss else {},
             "blamed": blamed,
         },
         "truth": truth,
         "chosen": chosen,
         "final": final,
+        "filter_fraction": config["interventions"]["filter_fraction"],
         "interventions": outcomes,
     }
-    (run_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_result(run_dir, "report.json", json.dumps(report, indent=1) + "\n")
     text = format_report(report)
-    (run_dir / "report.md").write_text(text + "\n")
-    print(text)
+    path = write_result(run_dir, "report.md", text + "\n")
+    log_report(logger, report)
     logger.finish()
+    print(text)
+    print(f"\nreport: {path}")
     return report
+
+
+CHOSEN_BY = {
+    "estimator": "blamed by the audit",
+    "random": "a random choice",
+    "oracle": "the oracle's: largest true effect",
+}
+"""What each stage choice is, in words."""
+
+
+def check_audit(config: Mapping[str, Any], behaviors: Mapping[str, Behavior]) -> Estimator:
+    """Before any training: the estimator and its settings (settings for an estimator that is
+    not run are refused), the read-out, the two behaviours the report follows (one number
+    each) and the share of examples that filtering drops. Returns the estimator."""
+    settings = config["audit"]
+    try:
+        estimator = build_all([settings["estimator"]], config.get("settings") or {})[
+            settings["estimator"]
+        ]
+    except SpecError as exc:
+        if exc.field == "estimator":
+            raise _under("audit.estimator", exc) from exc
+        raise _under(
+            exc.field if exc.field.startswith("settings.") else f"settings.{exc.field}", exc
+        ) from exc
+    try:
+        check_readouts([settings["readout"]])
+    except StagetraceError as exc:
+        raise _under("audit.readout", exc) from exc
+    for name in (settings["behavior"], GAP):
+        if name not in behaviors:
+            raise SpecError(
+                f"behaviors.{name}" if name == GAP else "audit.behavior",
+                f"{name!r} is not a declared behaviour, and the shortcut report follows it "
+                f"(declared: {', '.join(behaviors)})",
+                f"name one of the declared behaviours, or declare {name} under behaviors "
+                "(see conf/experiment/spurious_image.yaml)",
+            )
+        behaviors[name].check_scalar()
+    fraction = config["interventions"]["filter_fraction"]
+    if (
+        isinstance(fraction, bool)
+        or not isinstance(fraction, (int, float))
+        or not 0 < fraction <= 1
+    ):
+        raise SpecError(
+            "interventions.filter_fraction",
+            f"{fraction!r} is not in (0, 1]",
+            "give the share of the stage's examples to drop, e.g. 0.25",
+        )
+    return estimator
+
+
+def log_report(logger: NullLogger | WandbLogger, report: Mapping[str, Any]) -> None:
+    """The estimated and true effects per stage and the interventions, as tables."""
+    audited = report["audit"]["behavior"]
+    logger.table(
+        "effects",
+        [
+            {
+                "stage": stage,
+                f"{audited}_estimated": report["audit"]["effects"][audited][stage],
+                f"{audited}_true": report["truth"][stage][audited],
+                f"{GAP}_estimated": report["audit"]["effects"][GAP][stage],
+                f"{GAP}_true": report["truth"][stage][GAP],
+            }
+            for stage in report["stages"]
+        ],
+    )
+    logger.table(
+        "interventions",
+        [{k: v for k, v in row.items() if k != "groups"} for row in report["interventions"]],
+    )
+    logger.log(
+        {
+            "final/worst_group": report["final"]["worst_group"],
+            "final/average": report["final"]["average"],
+        }
+    )
 
 
 @dataclass(frozen=True)
@@ -214,16 +297,27 @@ def intervene(
     fraction: float,
     seed: int,
     scorer: Scorer,
+    task: Task | None = None,
 ) -> list[dict[str, Any]]:
     """The three interventions on ``stage``, each a row with accuracies and seconds (undo's
-    include computing the embedding; filter's include scoring the stage's examples)."""
+    include computing the embedding; filter's include scoring the stage's examples). ``task``,
+    when given, logs the progress of the reruns."""
     undone = undo(traj, embeddings, stage)
     rows = [scorer.row(undone, choice)]
     rows[-1]["seconds"] += embeddings.seconds
-    rows.append(scorer.row(skip(traj, stage), choice))
+    progress = task.progress if task else lambda rerun: None
+    rows.append(scorer.row(skip(traj, stage, progress(f"without {stage}")), choice))
+    log.info("filter: scoring the training examples of stage %s", stage)
     scores = example_scores(traj, stage, behaviour)
     drop = most_harmful(scores, fraction)
-    filtered = filter_and_rerun(traj, stage, drop)
+    log.info(
+        "filter: rerunning stage %s without its %d most harmful examples (scored in %.1f s), "
+        "then the stages after it",
+        stage,
+        len(drop),
+        scores.seconds,
+    )
+    filtered = filter_and_rerun(traj, stage, drop, progress(f"filtered {stage}"))
     row = scorer.row(filtered, choice)
     row["seconds"] += scores.seconds
     carriers = shortcut_carriers(traj, stage)
@@ -267,15 +361,18 @@ def format_report(report: Mapping[str, Any]) -> str:
         "retraining without each stage: effects on the mean test loss of the groups the marker "
         "misleads, and on its gap to the other groups (nats; > 0: the stage raised it).",
         "",
-        f"| stage | {audited}: estimated | true | gap: estimated | true |",
-        "|---|---|---|---|---|",
+        f"| stage | {audited}: estimated | true | gap: estimated | true | trust |",
+        "|---|---|---|---|---|---|",
         *(
             f"| {s} | {audit_part['effects'][audited][s]:+.4f} | "
             f"{report['truth'][s][audited]:+.4f} | "
             f"{audit_part['effects'][GAP][s]:+.4f} | "
-            f"{report['truth'][s][GAP]:+.4f} |"
+            f"{report['truth'][s][GAP]:+.4f} | {audit_part['labels'][s]['label']} |"
             for s in report["stages"]
         ),
+        "",
+        "Trust (how far each estimate may be trusted without the truth, docs/design.md 5b): "
+        + "; ".join(f"{s}: {audit_part['labels'][s]['evidence']}" for s in report["stages"]),
         "",
         f"Blamed stage: **{audit_part['blamed']}**; oracle (truth): "
         f"**{report['chosen']['oracle']}**; random choice: {report['chosen']['random']}.",
@@ -290,6 +387,8 @@ def format_report(report: Mapping[str, Any]) -> str:
             f"{r['average']:.3f} | {r['seconds']:.1f} |"
             for r in report["interventions"]
         ),
+        "",
+        *explain_interventions(report),
     ]
     filters = [
         r
@@ -304,6 +403,30 @@ def format_report(report: Mapping[str, Any]) -> str:
             for r in filters
         ]
     return "\n".join(lines)
+
+
+def explain_interventions(report: Mapping[str, Any]) -> list[str]:
+    """One sentence for each intervention."""
+    fraction = report.get("filter_fraction")
+    share = f"the {fraction:.0%} " if isinstance(fraction, (int, float)) else ""
+    return [
+        "- **undo**: the final model moved by the stage's embedding (theta_T + SE_k), no "
+        "training; its seconds include computing the embeddings.",
+        "- **skip**: the stages after it retrained without the stage, on their recorded batches "
+        "(the counterfactual itself).",
+        f"- **filter**: the stage rerun without {share}of its training examples that raised "
+        f"{report['audit']['behavior']} most (by their first-order effect through the later "
+        "stages), then the stages after it as recorded; its seconds include scoring the examples.",
+    ]
+
+
+def _under(field: str, exc: StagetraceError) -> SpecError:
+    """``exc`` as an error of the config key ``field``."""
+    message = str(exc)
+    if isinstance(exc, SpecError):
+        message = message.removeprefix(f"{exc.field}: ")
+    problem, _, fix = message.partition(". Fix: ")
+    return SpecError(field, problem, fix or "correct the value")
 
 
 def _only(values: Mapping[str, float]) -> float:

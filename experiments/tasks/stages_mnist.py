@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -17,50 +16,54 @@ from omegaconf import DictConfig
 
 from attribution.record import SIGN_CONVENTION
 from attribution.record.counterfactual import skip_stage
+from attribution.record.errors import SpecError
 from attribution.record.evaluation import final_model
-from attribution.record.pipeline import run_pipeline
 from attribution.record.references import Ref, load_dataset
 from attribution.record.trajectory import Trajectory
 from experiments.evaluation import Metrics, evaluate
-from experiments.tasks.setup import Task
+from experiments.tasks.setup import Task, write_result
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Record the pipeline under ``run_dir/trajectory``; with ``ground_truth``, skip each stage."""
-    task = Task.prepare(cfg, run_dir)
-    config, logger = task.config, task.logger
-    began = time.perf_counter()
-    traj = run_pipeline(task.spec, run_dir / "trajectory", task.progress())
-    log.info(
-        "recorded %d stages in %.1f s -> %s",
-        len(traj.stages),
-        time.perf_counter() - began,
-        traj.root,
-    )
-    result: dict[str, Any] = {"trajectory": str(traj.root)}
-    if cfg.ground_truth:
-        result = ground_truth(
-            traj,
-            Ref.from_dict(config["evaluation"]["data"], "evaluation.data"),
-            config["evaluation"]["batch_size"],
+    task = Task.check(cfg, run_dir)
+    if not isinstance(task.config.get("ground_truth"), bool):
+        raise SpecError(
+            "ground_truth",
+            f"expected true or false, got {task.config.get('ground_truth')!r}",
+            "write ground_truth=true or ground_truth=false",
         )
-        (run_dir / "ground_truth.json").write_text(json.dumps(result, indent=2) + "\n")
-        print(format_table(result))
+    evaluation = Ref.from_dict(task.config["evaluation"]["data"], "evaluation.data")
+    task = task.start()
+    config, logger = task.config, task.logger
+    traj = task.record()
+    result: dict[str, Any] = {"trajectory": str(traj.root)}
+    if config["ground_truth"]:
+        result = ground_truth(traj, evaluation, config["evaluation"]["batch_size"], task)
+        path = write_result(run_dir, "ground_truth.json", json.dumps(result, indent=2) + "\n")
+        log.info("true effect of each stage on the test set:\n%s", format_table(result))
+        logger.table("ground_truth", table_rows(result))
+        logger.log({f"effect/{r['stage']}/loss": r["effect"]["loss"] for r in result["stages"]})
+        log.info("wrote %s", path)
     logger.finish()
     return result
 
 
-def ground_truth(traj: Trajectory, data: Ref, batch_size: int) -> dict[str, Any]:
-    """Test loss and accuracy of the final model and of each skip-stage retraining."""
+def ground_truth(
+    traj: Trajectory, data: Ref, batch_size: int, task: Task | None = None
+) -> dict[str, Any]:
+    """Test loss and accuracy of the final model and of each skip-stage retraining (whose
+    progress ``task`` logs, when given)."""
     test = load_dataset(data)
     model = final_model(traj)
     final = evaluate(model, test, batch_size)
     stages = []
     for record in traj.stages:
         log.info("retraining without stage %s", record.name)
-        cf = skip_stage(traj, record.name)
+        progress = task.progress(f"without {record.name}") if task else None
+        cf = skip_stage(traj, record.name, progress)
         without = evaluate(model.at(cf.state), test, batch_size)
         stages.append(
             {
@@ -83,7 +86,7 @@ def ground_truth(traj: Trajectory, data: Ref, batch_size: int) -> dict[str, Any]
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """The per-stage effect table, as printed by the demo."""
+    """The per-stage effect table, as logged (to the console and run.log)."""
     lines = [
         f"{'stage':<10}{'loss with':>11}{'without':>10}{'effect':>10}"
         f"{'acc with':>11}{'without':>10}{'effect':>10}{'retrain s':>11}"
@@ -100,6 +103,23 @@ def format_table(result: dict[str, Any]) -> str:
         "loss effect > 0: the stage raised the test loss (blame)."
     )
     return "\n".join(lines)
+
+
+def table_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The effect table as flat rows (for the logger)."""
+    return [
+        {
+            "stage": row["stage"],
+            "loss_with": row["with"]["loss"],
+            "loss_without": row["without"]["loss"],
+            "loss_effect": row["effect"]["loss"],
+            "accuracy_with": row["with"]["accuracy"],
+            "accuracy_without": row["without"]["accuracy"],
+            "accuracy_effect": row["effect"]["accuracy"],
+            "retrain_seconds": row["retrain_seconds"],
+        }
+        for row in result["stages"]
+    ]
 
 
 def _effect(final: Metrics, without: Metrics) -> dict[str, float]:

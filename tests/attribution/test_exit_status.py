@@ -121,9 +121,12 @@ def test_debug_shows_the_traceback_instead(run_copy, tmp_path):
         main(["--debug", "counterfactual", str(run_copy), "--skip", "warmup"])
 
 
-def test_trust_module_lets_a_named_module_resolve(run_copy, tmp_path, capsys):
+def test_trust_module_lets_a_named_module_resolve(run_copy, tmp_path, capsys, monkeypatch):
     """``--trust-module`` is what the refusal's fix says: with it the reference resolves (and
     then fails for its own reason: json.loads is no dataset)."""
+    from attribution.record import references
+
+    monkeypatch.setattr(references, "_trusted", set(references._trusted))  # undone after
     text = "j: {data: {target: 'json:loads', kwargs: {s: '[1]'}}}\n"
     behaviors = write(tmp_path / "b.yaml", text)
     assert main(["audit", str(run_copy), "--behaviors", str(behaviors)]) == 2

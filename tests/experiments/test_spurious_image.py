@@ -7,6 +7,7 @@ are recomputed by hand from the stored states.
 """
 
 import json
+import os
 import subprocess
 import sys
 
@@ -32,15 +33,46 @@ def spurious(run_dir, *overrides, check=True):
         f"hydra.run.dir={run_dir}",
         *overrides,
     ]
-    return subprocess.run(command, capture_output=True, text=True, check=check)
+    return subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        check=check,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
+def smoke(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("spurious")
     done = spurious(run_dir)
     assert "Blamed stage" in done.stdout and "[4/4]" in done.stdout  # report and progress
-    return run_dir
+    return run_dir, done.stdout
+
+
+@pytest.fixture(scope="module")
+def smoke_run(smoke):
+    return smoke[0]
+
+
+def test_the_run_ends_with_the_report_path_and_speaks_in_words(smoke):
+    run_dir, out = smoke
+    assert out.rstrip().splitlines()[-1] == f"report: {run_dir / 'report.md'}"
+    log = (run_dir / "run.log").read_text()
+    assert "{'" not in log and '{"' not in log  # no raw Python dict
+    report = json.loads((run_dir / "report.json").read_text())
+    blamed, oracle = report["audit"]["blamed"], report["chosen"]["oracle"]
+    assert f"on the blamed stage {blamed}," in log and f"the oracle's stage {oracle}" in log
+    # the reruns show progress as the training does: every filtered stage, to its last step
+    for row in (r for r in report["interventions"] if r["intervention"] == "filter"):
+        stage = row["stage"]
+        assert f"[filtered {stage}: {stage}] step" in log
+        assert f"[filtered {stage}: adapt] step 10/10" in log
+    assert "[without pretrain: finetune] step 30/30" in log
+    text = (run_dir / "report.md").read_text()
+    for intervention in ("undo", "skip", "filter"):
+        assert f"- **{intervention}**: " in text
+    assert "the 25% of its training examples" in text
 
 
 def misled_loss(model, data):
@@ -118,7 +150,8 @@ def test_estimator_settings_reach_the_audit_and_undo_alike(tmp_path):
 
 
 def test_settings_for_an_estimator_not_run_are_refused_before_training(tmp_path):
-    done = spurious(tmp_path, "+settings.e3={rank:2}", check=False)
-    assert done.returncode != 0
+    run_dir = tmp_path / "run"
+    done = spurious(run_dir, "+settings.e3={rank:2}", check=False)
+    assert done.returncode == 2
     assert "settings.e3" in done.stderr and "Fix:" in done.stderr, done.stderr[-2000:]
-    assert not (tmp_path / "trajectory").exists()  # nothing was trained
+    assert not run_dir.exists()  # nothing was trained, nothing written

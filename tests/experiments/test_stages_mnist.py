@@ -1,6 +1,7 @@
 """The stages_mnist experiment, run as a user runs it: through Hydra, in a fresh process."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ from attribution.record import SIGN_CONVENTION
 from attribution.record.trajectory import Trajectory
 
 
-def hydra_run(run_dir, *overrides):
+def hydra_run(run_dir, *overrides, env=None):
     command = [
         sys.executable,
         "-m",
@@ -22,7 +23,13 @@ def hydra_run(run_dir, *overrides):
         f"hydra.run.dir={run_dir}",
         *overrides,
     ]
-    return subprocess.run(command, capture_output=True, text=True, check=True)
+    return subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
 
 
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
@@ -31,6 +38,9 @@ def test_smoke_run_records_a_replayable_trajectory_and_its_ground_truth(tmp_path
     traj = Trajectory.open(tmp_path / "trajectory")
     assert traj.names == ["pretrain", "finetune", "adapt"] and traj.complete
     assert "effect" in out and all(name in out for name in traj.names)
+    log = (tmp_path / "run.log").read_text()  # the table is logged, not only printed
+    assert "true effect of each stage on the test set" in log
+    assert all(f"\n{name} " in log for name in traj.names)
 
     truth = json.loads((tmp_path / "ground_truth.json").read_text())
     assert truth["sign_convention"] == SIGN_CONVENTION
@@ -48,7 +58,19 @@ def test_smoke_run_records_a_replayable_trajectory_and_its_ground_truth(tmp_path
     assert all(torch.equal(skipped[k], start[k]) for k in start)
 
 
-def test_offline_logger_writes_wandb_files_inside_the_run_directory(tmp_path):
-    hydra_run(tmp_path, "logger=offline", "ground_truth=false")
-    assert list((tmp_path / "wandb").glob("offline-run-*"))
-    assert Trajectory.open(tmp_path).complete
+def test_offline_logger_logs_the_effects_and_keeps_its_files_in_the_run_directory(tmp_path):
+    home = tmp_path / "home"
+    run_dir = tmp_path / "run"
+    hydra_run(run_dir, "logger=offline", env={"HOME": str(home)})
+    (run,) = (run_dir / "wandb").glob("offline-run-*")
+    assert Trajectory.open(run_dir).complete
+    (table,) = (run / "files" / "media" / "table").glob("ground_truth_*.table.json")
+    logged = json.loads(table.read_text())
+    truth = json.loads((run_dir / "ground_truth.json").read_text())
+    column = logged["columns"].index("loss_effect")
+    assert [row[column] for row in logged["data"]] == pytest.approx(
+        [row["effect"]["loss"] for row in truth["stages"]]
+    )
+    # nothing of wandb's outside the run directory (its cache and staging folders included)
+    assert not (home / ".cache" / "wandb").exists()
+    assert not (home / ".local" / "share" / "wandb").exists()
