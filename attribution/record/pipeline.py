@@ -9,6 +9,8 @@ callers run it inside ``recorded_threads``, with the recording's thread count.
 from __future__ import annotations
 
 import fnmatch
+import itertools
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -158,6 +160,23 @@ def continue_stage(
     its policy allows from ``previous`` (the state that existed when it began), and train."""
     reinitialise(model, record.entry, record.name)
     return train_stage(model, record, steps, carried_state(previous, record, model), on_step)
+
+
+def step_seconds(traj: Trajectory, j: int, probe: int = 3) -> float:
+    """Wall seconds per training step of stage j, measured by replaying its first ``probe``
+    steps from its start with the recorded thread count; the first step, which pays for
+    warm-up, is not counted when there are more. What the audit predicts retraining from."""
+    record, log = traj.stages[j], traj.steps(j)
+    n = min(probe, log.num_steps)
+    steps = StepLog.from_batches(log.lr[:n].tolist(), [log.batch(t) for t in range(n)])
+    model = traj.load_model(j, "start")
+    previous = traj.optimizer_state(j - 1, "end") if j else {}
+    times: list[float] = []
+    with recorded_threads(traj):
+        times.append(time.perf_counter())
+        continue_stage(model, record, steps, previous, lambda *_: times.append(time.perf_counter()))
+    spans = [b - a for a, b in itertools.pairwise(times)]
+    return sum(spans[1:]) / (len(spans) - 1) if len(spans) > 1 else spans[0]
 
 
 def train_stage(
@@ -461,6 +480,11 @@ def _check_finite(
     fix = f"lower the learning rate of stage {stage!r} or check its data for bad values"
     if not torch.isfinite(loss):
         raise TrainingError(f"stage {stage!r} step {t}: the loss is {loss.item()}. Fix: {fix}")
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    # One fused check per step (a NaN or infinity makes its tensor's norm non-finite); the
+    # culprit is looked for only when there is one.
+    if not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
+        return
     for group in optimizer.param_groups:
         for p in group["params"]:
             if p.grad is not None and not torch.isfinite(p.grad).all():

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -36,10 +35,22 @@ from torch import nn
 
 from attribution.record import SIGN_CONVENTION
 from attribution.record.entry import apply_entry, is_structural
-from attribution.record.errors import StagetraceError, TrajectoryError, UnknownStageError
+from attribution.record.errors import (
+    SpecError,
+    StagetraceError,
+    TrajectoryError,
+    UnknownStageError,
+)
 from attribution.record.optim import HYPERPARAMETERS, OptimizerState
 from attribution.record.references import Ref
-from attribution.record.spec import ENTRY_KINDS, POLICIES, STAGE_KINDS, EntryAction, is_safe_name
+from attribution.record.spec import (
+    ENTRY_KINDS,
+    POLICIES,
+    STAGE_KINDS,
+    EntryAction,
+    check_clip_grad_norm,
+    is_safe_name,
+)
 from attribution.record.store import REWRITE, DiskStore, FileLock, MemoryStore, Store
 
 SCHEMA = "stagetrace.trajectory"
@@ -266,7 +277,7 @@ class StageRecord:
             checkpoint_every=None
             if obj.get("checkpoint_every") is None
             else check.integer(obj["checkpoint_every"], "checkpoint_every", minimum=1),
-            clip_grad_norm=check.positive(obj.get("clip_grad_norm"), "clip_grad_norm"),
+            clip_grad_norm=check.clip(obj.get("clip_grad_norm"), "clip_grad_norm"),
             verified=check.optional_bool(obj.get("verified"), "verified"),
             verification=None
             if obj.get("verification") is None
@@ -849,18 +860,12 @@ class _Checker:
                 store.where(name), f"file of stage {stage!r} ({role}) is missing", REWRITE
             )
 
-    def positive(self, value: Any, field: str) -> float | None:
-        """None, or a positive finite number."""
-        if value is None:
-            return None
-        if (
-            not isinstance(value, (int, float))
-            or isinstance(value, bool)
-            or not math.isfinite(value)
-            or value <= 0
-        ):
+    def clip(self, value: Any, field: str) -> float | None:
+        """A gradient-clipping threshold (``spec.check_clip_grad_norm``): None or positive."""
+        try:
+            return check_clip_grad_norm(value, field)
+        except SpecError:
             self.fail(field, f"expected a positive number or null, got {value!r}")
-        return float(value)
 
     def optional_bool(self, value: Any, field: str) -> bool | None:
         if value is not None and not isinstance(value, bool):

@@ -344,3 +344,16 @@ def test_replay_compares_optimizer_state_too():
     assert [d.end for d in diffs] == [0.0, 0.0, 0.0]
     assert diffs[1].optimizer == pytest.approx(1e-3, rel=1e-3) and diffs[1].worst > 0
     assert diffs[0].optimizer == 0.0
+
+
+def test_a_non_finite_gradient_is_named_by_its_parameter():
+    from attribution.record.errors import TrainingError
+    from attribution.record.pipeline import _check_finite
+
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([a, b], lr=0.1)
+    a.grad, b.grad = torch.ones(3), torch.tensor([1.0, float("nan")])
+    with pytest.raises(TrainingError, match=r"stage 's' step 4: the gradient of b holds NaN"):
+        _check_finite(torch.tensor(1.0), optimizer, {id(a): "a", id(b): "b"}, "s", 4)
+    b.grad = torch.tensor([1e30, 1e30])  # finite, though its float32 norm overflows
+    _check_finite(torch.tensor(1.0), optimizer, {id(a): "a", id(b): "b"}, "s", 4)
