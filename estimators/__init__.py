@@ -13,6 +13,7 @@ from estimators.e2 import E2
 from estimators.e3 import E3, E3Arguments
 from estimators.e4 import E4, E4Arguments
 from estimators.registry import ESTIMATORS, build, build_all, check_evidence
+from estimators.subset import Subset, SubsetArguments
 
 __all__ = [
     "E0",
@@ -27,6 +28,8 @@ __all__ = [
     "E4Arguments",
     "Estimator",
     "StageEmbeddings",
+    "Subset",
+    "SubsetArguments",
     "build",
     "build_all",
     "check_evidence",

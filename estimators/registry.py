@@ -23,8 +23,10 @@ from estimators.e1 import E1
 from estimators.e2 import E2
 from estimators.e3 import E3
 from estimators.e4 import E4
+from estimators.subset import Subset
+from estimators.truth import Truth
 
-ESTIMATORS: dict[str, type[Estimator]] = {c.name: c for c in (E0, E1, E2, E3, E4)}
+ESTIMATORS: dict[str, type[Estimator]] = {c.name: c for c in (E0, E1, E2, E3, E4, Subset, Truth)}
 
 Settings = Mapping[str, Mapping[str, Any]]
 """Settings per estimator name: ``{"e3": {"rank": 5, "at": "end"}}``."""
@@ -38,7 +40,8 @@ def build(name: str, settings: Mapping[str, Any] | None = None) -> Estimator:
         raise SpecError(
             "estimator",
             f"unknown estimator {name!r}",
-            f"use one of {', '.join(ESTIMATORS)} (e4:STRIDE sets E4's stride)",
+            f"use one of {', '.join(ESTIMATORS)} (e4:STRIDE sets E4's stride, subset:BUDGET the "
+            "subset replay's budget)",
         )
     cls = ESTIMATORS[base]
     settings = dict(settings or {})

@@ -47,7 +47,7 @@ from attribution.record.pipeline import run_pipeline
 from attribution.record.references import load_dataset
 from attribution.record.spec import PipelineSpec
 from attribution.record.trajectory import MANIFEST, Trajectory
-from estimators import E0, E1, E2, E3, E4
+from estimators import E0, E1, E2, E3, E4, Subset
 from experiments.data import mnist
 from experiments.sections import SectionError, provenance, publish
 
@@ -83,6 +83,8 @@ METHODS: dict[str, Callable[[Trajectory], Any]] = {
     "e3 (rank 5, 128 examples, end)": E3(rank=5, sample=128, at="end").embed,
     "e4:2": E4(stride=2).embed,
     "e4:4": E4(stride=4).embed,
+    "subset:0.25": Subset(budget=0.25).embed,
+    "subset:0.25 (uniform)": Subset(budget=0.25, allocation="uniform").embed,
 }
 """What table (i) measures, by the name it shows; ``embed``, never ``stored_embeddings``."""
 

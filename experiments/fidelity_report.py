@@ -83,9 +83,10 @@ def table(header: Sequence[str], lines: Iterable[Sequence[str]]) -> list[str]:
 
 
 def metric_table(rows: Sequence[Row]) -> list[str]:
-    """Mean metrics per estimator, read-out and stage, with the number of runs averaged."""
+    """Mean metrics per estimator, read-out and stage, with the number of runs averaged; "of
+    ceiling": Pearson over the noise ceiling's (runs that measured it)."""
     header = ["estimator", "read-out", "stage", "Pearson", "Spearman", "sign", "mean-effect error"]
-    header += ["top stage", "× truth seconds", "runs"]
+    header += ["top stage", "× truth seconds", "of ceiling", "runs"]
     lines = []
     for (estimator, readout, stage), group in grouped(
         rows, ["estimator", "readout", "stage"]
@@ -101,6 +102,7 @@ def metric_table(rows: Sequence[Row]) -> list[str]:
                 fmt(mean(r["mean_effect_error"] for r in group), "{:+.4f}"),
                 fmt(mean(r["top_stage_agreement"] for r in group)),
                 fmt(mean(r["cost_ratio"] for r in group), "{:.3g}"),
+                fmt(mean(r.get("pearson_of_ceiling", math.nan) for r in group)),
                 str(len({r["run"] for r in group})),
             ]
         )
@@ -167,9 +169,12 @@ def per_knob_table(rows: Sequence[Row], knob: str, readout: str) -> list[str]:
 
 
 def regime_table(rows: Sequence[Row], readout: str) -> list[str]:
-    """Per learning-rate scale and stage: the regime quantities and each estimator's Pearson."""
+    """Per learning-rate scale and stage: the regime quantities, the noise ceiling (Pearson of
+    retraining under reshuffled later batch orders against the recorded counterfactual; "–"
+    for runs without it) and each estimator's Pearson."""
     estimators = [e for e in _estimators(rows) if e != "random"]
-    header = ["lr scale", "stage", "‖δ‖/‖θ_T‖", "later lr mass", "later mass/(1-μ)", *estimators]
+    header = ["lr scale", "stage", "‖δ‖/‖θ_T‖", "later lr mass", "later mass/(1-μ)", "ceiling"]
+    header += estimators
     lines = []
     for (scale, stage), group in sorted(
         grouped(rows, ["lr_scale", "stage"]).items(),
@@ -191,6 +196,7 @@ def regime_table(rows: Sequence[Row], readout: str) -> list[str]:
                 fmt(mean(r["relative_displacement"] for r in group), "{:.3g}"),
                 fmt(mean(r["later_lr_mass"] for r in group), "{:.3g}"),
                 fmt(mean(r["later_effective_mass"] for r in group), "{:.3g}"),
+                fmt(_ceiling(group)),
                 *cells,
             ]
         )
@@ -350,6 +356,16 @@ def report(dirs: Sequence[Path], figures: Path, out: Path | None, command: str) 
     plot_cost(loss_rows, figures / "fidelity_cost.png")
     plot_regime(loss_rows, figures / "fidelity_regime.png", "evaluated")
     return render(rows, command, figures, out)
+
+
+def _ceiling(rows: Sequence[Row]) -> float:
+    """The mean noise ceiling over the runs among ``rows`` (one value per run and stage)."""
+    per_run = {
+        (r["run"], r["stage"]): r["ceiling_pearson"]
+        for r in rows
+        if math.isfinite(r.get("ceiling_pearson", math.nan))
+    }
+    return mean(per_run.values())
 
 
 def _estimators(rows: Sequence[Row]) -> list[str]:

@@ -14,9 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import yaml
+from torch import Tensor
 
 from attribution.analysis.behaviors import Behavior
+from attribution.analysis.choice import DEFAULT_BUDGET, Label, Plan, labels, plan
 from attribution.analysis.readout import behaviour_effects, evaluated_effects, linear_effects
 from attribution.record import SIGN_CONVENTION
 from attribution.record.errors import SpecError, StagetraceError
@@ -61,7 +64,9 @@ class BehaviorEffects:
 
 @dataclass(frozen=True)
 class Audit:
-    """Stage effects on every behaviour, with how they were obtained (``attribution.json``)."""
+    """Stage effects on every behaviour, with how they were obtained and how far to trust each
+    stage's (``labels``; ``check_seconds`` the time their check took), and, for ``auto``, the
+    ``plan`` that chose the method (``attribution.json``)."""
 
     trajectory: str
     estimator: EstimatorRun
@@ -69,12 +74,17 @@ class Audit:
     readout_seconds: float
     stages: list[str]
     behaviors: dict[str, BehaviorEffects]
+    labels: dict[str, Label]
+    check_seconds: float
+    plan: Plan | None = None
     sign_convention: str = field(default=SIGN_CONVENTION)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["estimator"]["settings"] = dict(self.estimator.settings)
         out["estimator"]["counts"] = dict(self.estimator.counts)
+        if self.plan is not None:
+            out["plan"]["predicted_seconds"] = dict(self.plan.predicted_seconds)
         return out
 
 
@@ -174,26 +184,45 @@ def audit(
     readout: str = "evaluated",
     batch_size: int = 512,
     settings: Mapping[str, Any] | None = None,
+    budget: float = DEFAULT_BUDGET,
 ) -> Audit:
-    """Stage effects on every behaviour: per stage, each output's effect and their mean.
+    """Stage effects on every behaviour: per stage, each output's effect and their mean, and a
+    label saying how far to trust each stage's (``attribution.analysis.choice``).
 
-    ``estimator`` is a name (``"e3"``, ``"e4:2"``; ``settings`` are its settings, e.g. E3's
-    ``rank``), an ``Estimator`` or the ``StageEmbeddings`` already computed from ``traj`` (so a
-    caller that also undoes a stage uses the very same embeddings). Behaviours are loaded and
-    checked before any embedding is computed.
+    ``estimator`` is ``"auto"`` (the truth when retraining fits ``budget`` seconds, else the
+    most faithful estimate that does: ``choice.plan``), a name (``"e3"``, ``"e4:2"``;
+    ``settings`` are its settings, e.g. E3's ``rank``), an ``Estimator`` or the
+    ``StageEmbeddings`` already computed from ``traj`` (so a caller that also undoes a stage
+    uses the very same embeddings). Behaviours are loaded and checked before any work.
     """
     check_readouts([readout])
     data = {name: b.load() for name, b in behaviors.items()}
+    chosen = None
+    if isinstance(estimator, str) and estimator == "auto":
+        if settings:
+            raise SpecError(
+                "settings",
+                "settings given with the estimator chosen automatically",
+                "name the estimator whose settings they are (--estimator NAME)",
+            )
+        chosen = plan(traj, budget)
+        estimator = chosen.estimator
     embeddings, run = embeddings_of(estimator, traj, settings)
     model = final_model(traj)
+
+    def per_example(emb: StageEmbeddings) -> dict[str, dict[str, Tensor]]:
+        return {
+            name: READOUTS[readout](
+                model, emb.offsets, inputs, targets, behaviors[name].quantity, batch_size
+            )
+            for name, (inputs, targets, _) in data.items()
+        }
+
     began = time.perf_counter()
+    effects = per_example(embeddings)
     results = {}
     for name, behavior in behaviors.items():
-        inputs, targets, keys = data[name]
-        effects = READOUTS[readout](
-            model, embeddings.offsets, inputs, targets, behavior.quantity, batch_size
-        )
-        per_output = behaviour_effects(behavior, effects, keys)
+        per_output = behaviour_effects(behavior, effects[name], data[name][2])
         results[name] = BehaviorEffects(
             quantity=behavior.quantity,
             aggregate=behavior.aggregate,
@@ -201,11 +230,22 @@ def audit(
             effects={s: list(v.values()) for s, v in per_output.items()},
             mean_effect={s: float(np.mean(list(v.values()))) for s, v in per_output.items()},
         )
+    readout_seconds = time.perf_counter() - began
+
+    def concatenated(emb: StageEmbeddings) -> dict[str, Tensor]:
+        per = per_example(emb)
+        return {s: torch.cat([per[name][s] for name in per]) for s in traj.names}
+
+    began = time.perf_counter()
+    stage_labels = labels(traj, embeddings, readout, concatenated)
     return Audit(
         trajectory=str(traj.root),
         estimator=run,
         readout=readout,
-        readout_seconds=time.perf_counter() - began,
+        readout_seconds=readout_seconds,
         stages=traj.names,
         behaviors=results,
+        labels=stage_labels,
+        check_seconds=time.perf_counter() - began,
+        plan=chosen,
     )

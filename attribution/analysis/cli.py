@@ -15,7 +15,8 @@ from typing import Any
 import yaml
 
 from attribution.analysis.audit import audit, default_behaviors_file, load_behaviors
-from attribution.analysis.validate import Validation, validate
+from attribution.analysis.choice import DEFAULT_BUDGET
+from attribution.analysis.validate import Ceiling, Validation, validate
 from attribution.record import SIGN_CONVENTION
 from attribution.record.artifacts import check_writable
 from attribution.record.counterfactual import skip_stage
@@ -82,7 +83,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         sub.add_argument("run", metavar="RUN", help=RUN_HELP)
         if name == "audit":
             sub.add_argument(
-                "--estimator", default="e1", help="e0, e1, e2, e3 or e4:STRIDE (default e1)"
+                "--estimator",
+                default="auto",
+                help="auto (default: the truth when it fits the budget, else the most faithful "
+                "estimate that does), truth, subset:BUDGET, e0, e1, e2, e3 or e4:STRIDE",
+            )
+            sub.add_argument(
+                "--budget",
+                type=float,
+                default=DEFAULT_BUDGET,
+                metavar="SECONDS",
+                help=f"what auto may spend (default {DEFAULT_BUDGET:g} s)",
             )
             sub.add_argument(
                 "--readout",
@@ -93,9 +104,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             sub.add_argument(
                 "--estimators",
                 default="e0,e1,e2",
-                help="comma-separated: e0, e1, e2, e3, e4:STRIDE",
+                help="comma-separated: e0, e1, e2, e3, e4:STRIDE, subset:BUDGET",
             )
             sub.add_argument("--readouts", default="linear,evaluated", help="comma-separated")
+            sub.add_argument(
+                "--ceiling",
+                type=int,
+                default=0,
+                metavar="R",
+                help="also measure the noise ceiling: R >= 2 retrainings without each stage "
+                "under reshuffled later batch orders (default 0: off)",
+            )
         sub.add_argument(
             "--behaviors",
             metavar="FILE",
@@ -243,14 +262,29 @@ def _settings(pairs: list[str]) -> dict[str, dict[str, Any]]:
 def _audit(args: argparse.Namespace) -> int:
     out = _output(args)
     traj = _open(args, out)
-    estimator = build_all([args.estimator], _settings(args.setting))[args.estimator]
-    result = audit(traj, estimator, _behaviors(args), args.readout, args.batch_size)
-    behaviors = list(result.behaviors)
-    print(f"estimator {result.estimator.label}, {args.readout} read-out: mean effect per stage")
-    print(f"{'stage':<14}" + "".join(f"{b[:18]:>20}" for b in behaviors))
+    behaviors = _behaviors(args)
+    if args.estimator == "auto":
+        estimator: Any = "auto"
+        if args.setting:
+            build_all([], _settings(args.setting))  # refuses settings of estimators not run
+    else:
+        estimator = build_all([args.estimator], _settings(args.setting))[args.estimator]
+    result = audit(traj, estimator, behaviors, args.readout, args.batch_size, budget=args.budget)
+    if result.plan is not None:
+        print(f"method: {result.plan.estimator}. Why: {result.plan.reason}.")
+    names = list(result.behaviors)
+    print(
+        f"{result.estimator.label}, {args.readout} read-out: mean effect per stage "
+        "(> 0: the stage raised it)"
+    )
+    print(f"{'stage':<14}" + "".join(f"{b[:18]:>20}" for b in names) + "  trust")
     for stage in result.stages:
-        row = "".join(f"{result.behaviors[b].mean_effect[stage]:>+20.5f}" for b in behaviors)
-        print(f"{stage:<14}{row}")
+        row = "".join(f"{result.behaviors[b].mean_effect[stage]:>+20.5f}" for b in names)
+        print(f"{stage:<14}{row}  {result.labels[stage].label}")
+    for stage, label in result.labels.items():
+        print(f"  {stage}: {label.label}: {label.evidence}")
+    if result.plan is not None:
+        print(f"a better answer: {result.plan.better}")
     print(f"sign convention: {SIGN_CONVENTION}")
     print(f"-> {_write(out, result.to_json())}")
     return 0
@@ -266,8 +300,12 @@ def _validate(args: argparse.Namespace) -> int:
         _behaviors(args),
         args.batch_size,
         _settings(args.setting),
+        ceiling=args.ceiling,
     )
     print(fidelity_table(result))
+    if result.ceiling is not None:
+        print()
+        print(ceiling_table(result.ceiling))
     if result.group_rows:
         print()
         print(group_table(result))
@@ -276,22 +314,48 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def fidelity_table(result: Validation) -> str:
-    """The per-example rows as a Markdown table (what docs/results.md shows)."""
+    """The per-example rows as a Markdown table (what docs/results.md shows); with the noise
+    ceiling, each row's Pearson as a fraction of the ceiling's and against the expected
+    counterfactual."""
+    ceiling = result.ceiling is not None
     head = (
         "| estimator | read-out | behaviour | stage | Pearson | Spearman | sign agr. | "
         "mean effect (true) | mean-effect error | top-stage agr. | seconds | x truth |"
     )
+    if ceiling:
+        head += " of ceiling | Pearson (expected) |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in result.rows:
-        lines.append(
+        line = (
             f"| {r.estimator} | {r.readout} | {r.behavior} | {r.stage} | "
             f"{r.pearson:.3f} | {r.spearman:.3f} | {r.sign_agreement:.3f} | "
             f"{r.mean_effect_true:+.4f} | {r.mean_effect_error:+.4f} | "
             f"{r.top_stage_agreement:.3f} | {r.seconds:.2f} | {r.cost_ratio:.3f} |"
         )
+        if ceiling:
+            line += f" {r.pearson_of_ceiling:.3f} | {r.pearson_expected:.3f} |"
+        lines.append(line)
     lines.append(
         f"\nground truth (retraining without each stage): {result.ground_truth_seconds:.2f} s"
     )
+    return "\n".join(lines)
+
+
+def ceiling_table(ceiling: Ceiling) -> str:
+    """The noise ceiling as a Markdown table: per behaviour and stage, the recorded
+    counterfactual against retraining under reshuffled later batch orders."""
+    seeds = ", ".join(map(str, ceiling.seeds))
+    head = (
+        f"| behaviour | stage | ceiling Pearson (mean, seeds {seeds}) | lowest | sign agr. | "
+        "mean-effect difference |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in ceiling.rows:
+        lines.append(
+            f"| {r.behavior} | {r.stage} | {r.pearson:.3f} | {r.pearson_min:.3f} | "
+            f"{r.sign_agreement:.3f} | {r.mean_effect_difference:+.4f} |"
+        )
+    lines.append(f"\nnoise ceiling (reshuffled retraining): {ceiling.seconds:.2f} s")
     return "\n".join(lines)
 
 

@@ -11,18 +11,28 @@ scored against it:
   (estimated and true effect, sign right or not, absolute error, and whether the estimate orders
   the stages as the truth does).
 
+With ``ceiling = R >= 2`` the noise ceiling is measured too (``noise_ceiling``): R retrainings
+without each stage that differ from the truth only in the later stages' batch order
+(``skip_stage_shuffled``, seeds 0..R-1), scored against the recorded counterfactual like an
+estimator. Its Pearson is what an exact retraining under another draw of the later batches
+scores, so an estimator's ``pearson_of_ceiling`` near 1 means it is as faithful as the effect is
+well defined; ``pearson_expected`` scores the estimator against the mean of the R retrainings
+(the expected counterfactual over batch orders).
+
 Sign convention: effect_k(f) = f(theta_T) - f(theta_T^(-k)).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from attribution.analysis import metrics
@@ -30,7 +40,7 @@ from attribution.analysis.audit import READOUTS, check_readouts
 from attribution.analysis.behaviors import Behavior
 from attribution.analysis.readout import behaviour_effects
 from attribution.record import SIGN_CONVENTION
-from attribution.record.counterfactual import skip_stage
+from attribution.record.counterfactual import skip_stage, skip_stage_shuffled
 from attribution.record.errors import SpecError
 from attribution.record.evaluation import ModelAt, final_model
 from attribution.record.trajectory import Trajectory
@@ -57,6 +67,49 @@ class FidelityRow:
     top_stage_agreement: float
     seconds: float
     cost_ratio: float
+    ceiling_pearson: float = math.nan
+    pearson_of_ceiling: float = math.nan
+    pearson_expected: float = math.nan
+
+
+@dataclass(frozen=True)
+class CeilingRow:
+    """The recorded counterfactual's per-example effects of skipping ``stage`` against those of
+    retraining without it under other later batch orders (one per seed): Pearson, sign
+    agreement and mean-effect difference (shuffled minus recorded, units of the quantity), each
+    the mean over the seeds, and the lowest Pearson among them."""
+
+    behavior: str
+    stage: str
+    pearson: float
+    pearson_min: float
+    sign_agreement: float
+    mean_effect_difference: float
+    seeds: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Ceiling:
+    """The noise ceiling (``noise_ceiling``): its rows, the per-example behaviours' expected
+    effects (mean over the seeds' retrainings, ``expected[behaviour][stage]``, [N] float64), the
+    seeds of the later batch orders and the seconds their retraining took."""
+
+    seeds: tuple[int, ...]
+    rows: list[CeilingRow]
+    expected: dict[str, Effects]
+    seconds: float
+
+    def pearson(self, behavior: str, stage: str) -> float:
+        """The ceiling's Pearson for one behaviour and stage (NaN if not measured)."""
+        found = [r.pearson for r in self.rows if (r.behavior, r.stage) == (behavior, stage)]
+        return found[0] if found else math.nan
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "seeds": list(self.seeds),
+            "seconds": self.seconds,
+            "rows": [asdict(r) for r in self.rows],
+        }
 
 
 @dataclass(frozen=True)
@@ -97,6 +150,7 @@ class Validation:
     rows: list[FidelityRow]
     group_rows: list[GroupRow]
     effects: dict[str, dict[str, dict[str, np.ndarray]]] | None = None
+    ceiling: Ceiling | None = None
     sign_convention: str = field(default=SIGN_CONVENTION)
 
     def to_json(self) -> dict[str, Any]:
@@ -106,6 +160,7 @@ class Validation:
             "ground_truth_seconds": self.ground_truth_seconds,
             "rows": [asdict(r) for r in self.rows],
             "group_rows": [asdict(r) for r in self.group_rows],
+            "ceiling": self.ceiling.to_json() if self.ceiling is not None else None,
         }
 
 
@@ -134,6 +189,69 @@ def true_effects(
     return Truth(effects, sum(cf.seconds for cf in skipped.values()))
 
 
+def noise_ceiling(
+    traj: Trajectory,
+    behaviors: Mapping[str, Behavior],
+    truth: Truth,
+    repeats: int,
+    batch_size: int = 512,
+) -> Ceiling:
+    """Per per-example behaviour and stage, how well ``repeats`` retrainings without the stage
+    under reshuffled later batch orders (``skip_stage_shuffled``, seeds 0..repeats-1, stored and
+    reused) reproduce the recorded counterfactual's effects in ``truth``."""
+    _check_repeats(repeats)
+    seeds = tuple(range(repeats))
+    chosen = {n: b for n, b in behaviors.items() if b.aggregate == "per_example"}
+    data = {name: b.load() for name, b in chosen.items()}
+    model = final_model(traj)
+    seconds = 0.0
+    draws: dict[str, dict[str, list[Tensor]]] = {}  # values key -> stage -> effects per seed
+    rows, expected = [], {}
+    for name, behavior in chosen.items():
+        key = _same_values(behavior)
+        if key not in draws:
+            inputs, targets, _ = data[name]
+            final = model.values(inputs, targets, behavior.quantity, batch_size)
+            draws[key] = {}
+            for stage in traj.names:
+                draws[key][stage] = []
+                for seed in seeds:
+                    shuffled = skip_stage_shuffled(traj, stage, seed)
+                    seconds += shuffled.seconds
+                    other = model.at(shuffled.state)
+                    values = other.values(inputs, targets, behavior.quantity, batch_size)
+                    draws[key][stage].append(final - values)
+        expected[name] = {s: torch.stack(d).mean(0) for s, d in draws[key].items()}
+        for stage, effects in draws[key].items():
+            recorded = truth.effects[name][stage].numpy()
+            pearsons = [metrics.pearson(e.numpy(), recorded) for e in effects]
+            rows.append(
+                CeilingRow(
+                    behavior=name,
+                    stage=stage,
+                    pearson=float(np.mean(pearsons)),
+                    pearson_min=float(np.min(pearsons)),
+                    sign_agreement=float(
+                        np.mean([metrics.sign_agreement(e.numpy(), recorded) for e in effects])
+                    ),
+                    mean_effect_difference=float(
+                        np.mean([metrics.mean_effect_error(e.numpy(), recorded) for e in effects])
+                    ),
+                    seeds=seeds,
+                )
+            )
+    return Ceiling(seeds, rows, expected, seconds)
+
+
+def _check_repeats(repeats: int) -> None:
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 2:
+        raise SpecError(
+            "ceiling",
+            f"the noise ceiling needs at least 2 retrainings, got {repeats!r}",
+            "give ceiling=2 or more (0 turns it off)",
+        )
+
+
 def validate(
     traj: Trajectory,
     estimators: Sequence[str],
@@ -143,13 +261,18 @@ def validate(
     settings: Mapping[str, Mapping[str, Any]] | None = None,
     keep_effects: bool = False,
     truth: Truth | None = None,
+    ceiling: int = 0,
+    noise: Ceiling | None = None,
 ) -> Validation:
     """Every estimator and read-out against the true effects, per behaviour and stage.
 
     ``settings`` maps an estimator's base name (``e3``) to its settings; settings for an
     estimator not run are refused. ``truth`` (from ``true_effects`` over the same behaviours)
-    is reused if given, e.g. by a caller validating one estimator at a time. Estimators, settings,
-    evidence and behaviours are checked before anything is computed.
+    is reused if given, e.g. by a caller validating one estimator at a time. ``ceiling = R``
+    (at least 2; 0, the default, turns it off) measures the noise ceiling over R reshuffled
+    later batch orders (``noise_ceiling``); ``noise`` reuses one measured over the same
+    behaviours. Estimators, settings, evidence and behaviours are checked before anything is
+    computed.
     """
     if not behaviors:
         raise SpecError("behaviors", "no behaviour to validate", "declare at least one behaviour")
@@ -157,6 +280,8 @@ def validate(
     check_evidence(built.values(), traj)
     check_readouts(list(readouts))
     data = {name: b.load() for name, b in behaviors.items()}
+    if ceiling and noise is None:
+        _check_repeats(ceiling)
     if truth is None:
         truth = true_effects(traj, behaviors, batch_size)
     missing = sorted(set(behaviors) - set(truth.effects))
@@ -166,6 +291,8 @@ def validate(
             f"the given truth lacks the behaviours {missing}",
             "compute it with true_effects over the same behaviours",
         )
+    if noise is None and ceiling:
+        noise = noise_ceiling(traj, behaviors, truth, ceiling, batch_size)
     model = final_model(traj)
     per_example = [n for n, b in behaviors.items() if b.aggregate == "per_example"]
     rows: list[FidelityRow] = []
@@ -189,6 +316,7 @@ def validate(
                         truth.effects[behavior],
                         seconds,
                         truth.seconds,
+                        noise,
                     )
                     kept.setdefault(f"{label}:{readout}", {})[behavior] = _numpy(effects)
                 else:
@@ -206,6 +334,7 @@ def validate(
         rows=rows,
         group_rows=group_rows,
         effects=kept if keep_effects else None,
+        ceiling=noise,
     )
 
 
@@ -217,14 +346,17 @@ def fidelity_rows(
     truth: Mapping[str, Tensor],
     seconds: float,
     truth_seconds: float,
+    noise: Ceiling | None = None,
 ) -> list[FidelityRow]:
     """One row of fidelity metrics per stage: estimated against true per-example effects
-    ([N] tensors per stage), with the estimate's cost and its ratio to the truth's."""
+    ([N] tensors per stage), with the estimate's cost and its ratio to the truth's; with the
+    noise ceiling ``noise``, also the ceiling's Pearson, this Pearson's fraction of it and the
+    Pearson against the expected counterfactual."""
     stages = list(truth)
     est = np.stack([estimated[s].numpy() for s in stages])
     tru = np.stack([truth[s].numpy() for s in stages])
     top = metrics.top_stage_agreement(est, tru)
-    return [
+    rows = [
         FidelityRow(
             estimator=estimator,
             readout=readout,
@@ -241,6 +373,21 @@ def fidelity_rows(
         )
         for i, stage in enumerate(stages)
     ]
+    if noise is None or behavior not in noise.expected:
+        return rows
+    out = []
+    for i, row in enumerate(rows):
+        ceiling = noise.pearson(behavior, row.stage)
+        expected = noise.expected[behavior][row.stage].numpy()
+        out.append(
+            replace(
+                row,
+                ceiling_pearson=ceiling,
+                pearson_of_ceiling=row.pearson / ceiling if ceiling else math.nan,
+                pearson_expected=metrics.pearson(est[i], expected),
+            )
+        )
+    return out
 
 
 def _group_rows(

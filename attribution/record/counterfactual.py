@@ -8,6 +8,11 @@ the optimizer state that existed when stage k began (stage k-1's final state). T
 run declared without stage k. Results are stored in the trajectory's cache (by default the run
 itself) in ``counterfactuals/skip-<stage>/`` and reused while the recorded run is unchanged; two
 processes asking for the same one compute it once (the second waits, then reuses it).
+
+``skip_stage_shuffled`` retrains the same way except that each later stage's recorded examples
+are reshuffled across its steps (seeded): another draw of the later batch order, for the noise
+ceiling of ``attribution.analysis.validate`` (how much the per-example effect of skipping a
+stage depends on the exact later batches). Stored in ``counterfactuals/skip-<stage>-order-<seed>/``.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -52,8 +58,46 @@ def skip_stage(
     trajectory's cache. While computing it holds the result's lock, so that another process
     asking for the same result waits and then reuses it instead of computing it again."""
     k = check_skippable(traj, stage)
+    return _stored_or_computed(traj, k, f"counterfactuals/skip-{traj.stages[k].name}", on_step)
+
+
+def skip_stage_shuffled(
+    traj: Trajectory, stage: str | int, seed: int, on_step: StepCallback | None = None
+) -> Counterfactual:
+    """Retrain without ``stage`` as ``skip_stage`` does, but with every later stage j's recorded
+    examples reshuffled across its steps (``shuffled_order``: the same examples, learning rates
+    and batch sizes, another order), or reuse the result stored for this ``seed``. Two seeds
+    give two draws of the later batch order; the last stage has no later stage, so there it
+    equals ``skip_stage``."""
+    k = check_skippable(traj, stage)
+    folder = f"counterfactuals/skip-{traj.stages[k].name}-order-{seed}"
+    later = [
+        (traj.stages[j], shuffled_order(traj.steps(j), seed, j))
+        for j in range(k + 1, len(traj.stages))
+    ]
+    return _stored_or_computed(traj, k, folder, on_step, later, {"order_seed": seed})
+
+
+def shuffled_order(steps: StepLog, seed: int, j: int) -> StepLog:
+    """``steps`` with its batch indices permuted across the steps (batch sizes and learning
+    rates kept), by a generator seeded with ``1_000_003 * seed + j`` (stage j's own draw)."""
+    generator = torch.Generator().manual_seed(1_000_003 * seed + j)
+    order = torch.randperm(len(steps.indices), generator=generator)
+    return StepLog(steps.lr, steps.offsets, steps.indices[order])
+
+
+def _stored_or_computed(
+    traj: Trajectory,
+    k: int,
+    folder: str,
+    on_step: StepCallback | None,
+    later: Sequence[tuple[StageRecord, StepLog]] | None = None,
+    meta: dict[str, Any] | None = None,
+) -> Counterfactual:
+    """The retraining after skipping k stored in ``folder``, or computed (``later`` replacing
+    the recorded later stages) and stored there. While computing it holds the result's lock, so
+    that another process asking for the same result waits and then reuses it."""
     name = traj.stages[k].name
-    folder = f"counterfactuals/skip-{name}"
     stored = load_artifact(traj, folder, FINAL, SCHEMA, SCHEMA_VERSION)
     if stored is None:
         for j in range(k + 1, len(traj.stages)):
@@ -62,22 +106,30 @@ def skip_stage(
             # another process may have stored it while this one waited for the lock
             stored = load_artifact(traj, folder, FINAL, SCHEMA, SCHEMA_VERSION)
             if stored is None:
-                return _compute(traj, k, folder, on_step)
+                return _compute(traj, k, folder, on_step, later, meta or {})
     return Counterfactual(name, stored.tensors, float(stored.meta["seconds"]), reused=True)
 
 
-def _compute(traj: Trajectory, k: int, folder: str, on_step: StepCallback | None) -> Counterfactual:
+def _compute(
+    traj: Trajectory,
+    k: int,
+    folder: str,
+    on_step: StepCallback | None,
+    later: Sequence[tuple[StageRecord, StepLog]] | None,
+    extra: dict[str, Any],
+) -> Counterfactual:
     name = traj.stages[k].name
     began = time.perf_counter()
     skipped_state = traj.optimizer_state(k - 1, "end") if k else {}
-    state = retrain_after(traj, k, traj.checkpoint(k, "start"), skipped_state, on_step)
+    state = retrain_after(traj, k, traj.checkpoint(k, "start"), skipped_state, on_step, later)
     seconds = time.perf_counter() - began
-    later = traj.stages[k + 1 :]
+    retrained = traj.stages[k + 1 :]
     meta = {
         "skipped_stage": name,
-        "retrained_stages": [r.name for r in later],
-        "retrained_steps": sum(r.num_steps for r in later),
+        "retrained_stages": [r.name for r in retrained],
+        "retrained_steps": sum(r.num_steps for r in retrained),
         "seconds": seconds,
+        **extra,
     }
     save_artifact(traj, folder, FINAL, SCHEMA, SCHEMA_VERSION, state, meta)
     return Counterfactual(name, state, seconds, reused=False)

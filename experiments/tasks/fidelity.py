@@ -7,6 +7,11 @@ sign convention), ``fidelity.md`` (the table) and, with ``plots``, ``scatter_<be
 ``experiments.fidelity_report`` gathers many runs (a Hydra multirun) into the summary, the regime
 map and the plots of ``docs/results.md``.
 
+With ``ceiling: R`` (2 in the study's config) the run also retrains without each stage under R
+reshuffled orders of the later stages' batches (``attribution.analysis.validate.noise_ceiling``):
+the noise ceiling, written under ``ceiling`` in ``fidelity.json`` and beside every row
+(``ceiling_pearson``, ``pearson_of_ceiling``, ``pearson_expected``).
+
 Effects follow the project's sign convention: effect_k(f) = f(theta_T) - f(theta_T^(-k)).
 """
 
@@ -26,7 +31,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from attribution.analysis.behaviors import Behavior
-from attribution.analysis.validate import FidelityRow, fidelity_rows, true_effects, validate
+from attribution.analysis.validate import (
+    Ceiling,
+    FidelityRow,
+    fidelity_rows,
+    noise_ceiling,
+    true_effects,
+    validate,
+)
 from attribution.record import SIGN_CONVENTION
 from attribution.record.errors import StagetraceError
 from attribution.record.pipeline import run_pipeline
@@ -34,7 +46,7 @@ from attribution.record.trajectory import Trajectory
 from estimators import build_all
 from estimators.base import final_parameter_names, stage_displacement
 from estimators.tracin import tracin_effects
-from experiments.tasks.setup import Task
+from experiments.tasks.setup import Task, write_result
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +61,16 @@ COLUMNS = (
     ("top_stage_agreement", "top stage", "{:.3f}"),
     ("seconds", "seconds", "{:.2f}"),
     ("cost_ratio", "× truth", "{:.3f}"),
+    ("ceiling_pearson", "ceiling", "{:.3f}"),
+    ("pearson_of_ceiling", "of ceiling", "{:.3f}"),
 )
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Record, retrain without each stage, score every estimator; write the run's results."""
+    settings = cfg.get("settings")
     estimators = build_all(
-        list(cfg.estimators), OmegaConf.to_container(cfg.get("settings") or {}, resolve=True)
+        list(cfg.estimators), OmegaConf.to_container(settings, resolve=True) if settings else {}
     )
     task = Task.prepare(cfg, run_dir)
     config, behaviors, logger = task.config, task.behaviors, task.logger
@@ -63,6 +78,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     log.info("recorded %s; retraining without each stage and scoring the estimators", traj.names)
     batch_size = config["evaluation"]["batch_size"]
     truth = true_effects(traj, behaviors, batch_size)
+    repeats = config.get("ceiling", 0)
+    noise = noise_ceiling(traj, behaviors, truth, repeats, batch_size) if repeats else None
     rows, group_rows, failures = [], [], {}
     effects: dict[str, Any] = {
         "truth": {
@@ -82,6 +99,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 {name.partition(":")[0]: estimator.settings()},
                 keep_effects=True,
                 truth=truth,
+                noise=noise,
             )
         except StagetraceError as exc:  # e.g. a coarse replay that diverged: report, go on
             log.warning("%s failed: %s", estimator.label, exc)
@@ -90,25 +108,30 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         rows += result.rows
         group_rows += result.group_rows
         effects.update(result.effects or {})
-    rows += baseline_rows(traj, behaviors, effects, config["baselines"], truth.seconds, batch_size)
+    rows += baseline_rows(
+        traj, behaviors, effects, config["baselines"], truth.seconds, batch_size, noise
+    )
     regime = regime_quantities(traj)
     table_rows = [{**asdict(row), **regime[row.stage]} for row in rows]
     out = {
         "sign_convention": SIGN_CONVENTION,
         "knobs": knobs(config, traj),
         "ground_truth_seconds": truth.seconds,
+        "ceiling": noise.to_json() if noise is not None else None,
         "regime": regime,
         "failures": failures,
         "rows": table_rows,
         "group_rows": [asdict(row) for row in group_rows],
     }
-    (run_dir / "fidelity.json").write_text(json.dumps(out, indent=1, allow_nan=True) + "\n")
+    write_result(run_dir, "fidelity.json", json.dumps(out, indent=1, allow_nan=True) + "\n")
     table = format_table(table_rows, "test_loss")
-    (run_dir / "fidelity.md").write_text(table + "\n")
+    write_result(run_dir, "fidelity.md", table + "\n")
+    logger.table("fidelity", table_rows)
     print(table)
     if config.get("plots", True):
         for name in effects["truth"]:
             scatter(effects, name, run_dir / f"scatter_{name}.png")
+            logger.image(f"scatter/{name}", run_dir / f"scatter_{name}.png")
     logger.log(
         {
             f"fidelity/{r.estimator}/{r.readout}/{r.behavior}/{r.stage}/pearson": r.pearson
@@ -126,10 +149,12 @@ def baseline_rows(
     baselines: Sequence[str],
     truth_seconds: float,
     batch_size: int,
+    noise: Ceiling | None = None,
 ) -> list[FidelityRow]:
     """Rows of the baselines: stage TracIn (linear, over the checkpoints recorded in each stage)
     and a random choice of the most accountable stage (only its top-stage agreement is defined).
-    ``effects`` gains TracIn's per-example effects under ``"tracin:linear"``."""
+    ``effects`` gains TracIn's per-example effects under ``"tracin:linear"``; with the noise
+    ceiling ``noise``, TracIn's rows are also scored against it."""
     unknown = sorted(set(baselines) - {"tracin", "random"})
     if unknown:
         raise ValueError(f"unknown baselines {unknown}. Fix: use tracin and/or random")
@@ -147,7 +172,7 @@ def baseline_rows(
                 s: v.numpy() for s, v in estimated.items()
             }
             rows += fidelity_rows(
-                "tracin", "linear", name, estimated, truth, seconds, truth_seconds
+                "tracin", "linear", name, estimated, truth, seconds, truth_seconds, noise
             )
         if "random" in baselines:
             rows += random_stage_rows(name, truth)

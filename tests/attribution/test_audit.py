@@ -23,13 +23,21 @@ from torch.utils.data import TensorDataset
 from attribution.analysis.audit import audit, load_behaviors
 from attribution.analysis.validate import validate
 from attribution.record import SIGN_CONVENTION
-from attribution.record.counterfactual import as_model, skip_stage
+from attribution.record.counterfactual import (
+    as_model,
+    shuffled_order,
+    skip_stage,
+    skip_stage_shuffled,
+)
 from attribution.record.errors import SpecError, StagetraceError
+from attribution.record.pipeline import run_pipeline
 from attribution.record.recorder import Recorder
 from attribution.record.references import Ref
+from attribution.record.spec import PipelineSpec
 from attribution.record.trajectory import Trajectory
 from estimators import EVIDENCE
 from experiments.data import mnist
+from tests.estimators import toy
 from tests.helpers import (
     PRETRAIN_END,
     check_cli_error,
@@ -78,8 +86,9 @@ def labels() -> np.ndarray:
     return mnist(split="test", stop=N).tensors[1].numpy()
 
 
-def true_effects(run: Path, quantity: str) -> dict[str, np.ndarray]:
-    """f(theta_T) - f(theta_T^(-k)) per stage, by plain forward passes of the two models."""
+def true_effects(run: Path, quantity: str, order_seed: int | None = None) -> dict[str, np.ndarray]:
+    """f(theta_T) - f(theta_T^(-k)) per stage, by plain forward passes of the two models; with
+    ``order_seed``, theta_T^(-k) retrained under that reshuffled later batch order."""
     traj = Trajectory.open(run)
     inputs, targets = mnist(split="test", stop=N).tensors
     final = as_model(traj, traj.checkpoint(len(traj.stages) - 1, "end")).double()
@@ -96,7 +105,12 @@ def true_effects(run: Path, quantity: str) -> dict[str, np.ndarray]:
 
     out = {}
     for stage in traj.names:
-        without = as_model(traj, skip_stage(traj, stage).state).double()
+        skipped = (
+            skip_stage(traj, stage)
+            if order_seed is None
+            else skip_stage_shuffled(traj, stage, order_seed)
+        )
+        without = as_model(traj, skipped.state).double()
         out[stage] = (quantity_of(final) - quantity_of(without)).numpy()
     return out
 
@@ -112,10 +126,11 @@ def test_audit_prints_every_stage_and_writes_attribution_json(shared_run, behavi
     lines = out.splitlines()
     assert "e1" in lines[0] and "evaluated" in lines[0]
     header = lines[1].split()
-    assert header == ["stage", "test_loss", "test_margin", "groups"]
+    assert header == ["stage", "test_loss", "test_margin", "groups", "trust"]
     for stage in STAGES:
         row = next(line.split() for line in lines if line.startswith(f"{stage} "))
-        assert len(row) == 4 and all(math.isfinite(float(v)) for v in row[1:]), row
+        assert len(row) == 5 and all(math.isfinite(float(v)) for v in row[1:4]), row
+        assert row[4] == ("exact" if stage == STAGES[-1] else "unreliable")
     assert f"sign convention: {SIGN_CONVENTION}" in out
     assert lines[-1] == f"-> {shared_run / 'attribution.json'}"
 
@@ -140,7 +155,7 @@ def test_audit_prints_every_stage_and_writes_attribution_json(shared_run, behavi
     # The printed table shows the stored mean effects.
     for stage in STAGES:
         row = next(line.split() for line in lines if line.startswith(f"{stage} "))
-        for value, name in zip(row[1:], ("test_loss", "test_margin", "groups"), strict=True):
+        for value, name in zip(row[1:4], ("test_loss", "test_margin", "groups"), strict=True):
             assert float(value) == pytest.approx(
                 result["behaviors"][name]["mean_effect"][stage], abs=1e-5
             )
@@ -180,7 +195,7 @@ def test_out_writes_the_result_where_asked(run_copy, behaviors_file, tmp_path, c
     code, printed, err = cli(capsys, "audit", run_copy, "--behaviors", behaviors_file, "--out", out)
     assert (code, err) == (0, "")
     assert printed.splitlines()[-1] == f"-> {out}"
-    assert json.loads(out.read_text())["estimator"]["name"] == "e1"
+    assert json.loads(out.read_text())["estimator"]["name"] == "truth"  # auto: it fits
     assert not (run_copy / "attribution.json").exists()
 
 
@@ -190,7 +205,7 @@ def test_behaviors_yaml_of_the_run_directory_is_the_default(run_copy, capsys):
     assert (code, err) == (0, "")
     result = json.loads((run_copy / "attribution.json").read_text())
     assert list(result["behaviors"]) == ["test_loss"]
-    assert "test_loss" in out.splitlines()[1]
+    assert "test_loss" in out.splitlines()[2]
 
 
 @pytest.mark.parametrize("command", ["audit", "validate"])
@@ -319,6 +334,81 @@ def test_validate_compares_every_estimator_and_readout_with_retraining(
         assert f"| {row['estimated']:+.4f} | {row['true']:+.4f} |" in line
     assert "stage ranking right" in out
     assert out.splitlines()[-1] == f"-> {shared_run / 'validation.json'}"
+
+
+def test_validate_ceiling_scores_reshuffled_retraining_against_the_recorded_truth(
+    shared_run, behaviors_file, capsys
+):
+    argv = ["validate", shared_run, "--estimators", "e0", "--readouts", "evaluated"]
+    code, out, err = cli(capsys, *argv, "--behaviors", behaviors_file, "--ceiling", "2")
+    assert (code, err) == (0, "")
+    result = json.loads((shared_run / "validation.json").read_text())
+    ceiling = result["ceiling"]
+    assert ceiling["seeds"] == [0, 1] and ceiling["seconds"] > 0
+    for stage in STAGES:  # stored and reused like counterfactuals, keyed by the seed
+        for seed in (0, 1):
+            assert (shared_run / "counterfactuals" / f"skip-{stage}-order-{seed}").is_dir()
+    for quantity in ("loss", "margin"):
+        recorded = true_effects(shared_run, quantity)
+        draws = [true_effects(shared_run, quantity, seed) for seed in (0, 1)]
+        for row in (r for r in ceiling["rows"] if r["behavior"] == f"test_{quantity}"):
+            stage = row["stage"]
+            pearsons = [np.corrcoef(d[stage], recorded[stage])[0, 1] for d in draws]
+            assert row["pearson"] == pytest.approx(np.mean(pearsons), abs=1e-6)
+            assert row["pearson_min"] == pytest.approx(min(pearsons), abs=1e-6)
+            difference = np.mean([d[stage].mean() - recorded[stage].mean() for d in draws])
+            assert row["mean_effect_difference"] == pytest.approx(difference, abs=1e-6)
+            if stage == "adapt":  # no later stage to reshuffle: the recorded truth itself
+                assert row["pearson"] == pytest.approx(1.0) and row["sign_agreement"] == 1.0
+            else:  # another batch order is another model
+                assert row["pearson"] < 1.0 - 1e-9
+        expected = (draws[0]["adapt"] + draws[1]["adapt"]) / 2
+        for row in (r for r in result["rows"] if r["behavior"] == f"test_{quantity}"):
+            key = (row["behavior"], row["stage"])
+            (match,) = [c for c in ceiling["rows"] if (c["behavior"], c["stage"]) == key]
+            assert row["ceiling_pearson"] == match["pearson"]
+            assert row["pearson_of_ceiling"] == pytest.approx(row["pearson"] / match["pearson"])
+            if row["stage"] == "adapt":  # e0 evaluated is the truth there
+                assert row["pearson_expected"] == pytest.approx(
+                    np.corrcoef(recorded["adapt"], expected)[0, 1], abs=1e-6
+                )
+    assert "| behaviour | stage | ceiling Pearson (mean, seeds 0, 1) |" in out
+    assert "of ceiling | Pearson (expected) |" in out
+
+
+def test_validate_refuses_a_ceiling_of_one_retraining_before_any(run_copy, behaviors_file, capsys):
+    before = tree_bytes(run_copy)
+    argv = ["validate", run_copy, "--estimators", "e0", "--behaviors", behaviors_file]
+    code, _, err = cli(capsys, *argv, "--ceiling", "1")
+    assert code == 2
+    check_cli_error(err, "ceiling", "at least 2")
+    assert tree_bytes(run_copy) == before
+
+
+def test_a_reshuffled_order_keeps_each_stage_s_examples_sizes_and_rates(recorded_run):
+    traj = Trajectory.open(recorded_run)
+    steps = traj.steps("finetune")
+    shuffled = shuffled_order(steps, 0, 1)
+    assert torch.equal(shuffled.lr, steps.lr) and torch.equal(shuffled.offsets, steps.offsets)
+    assert torch.equal(shuffled.indices.sort().values, steps.indices.sort().values)
+    assert not torch.equal(shuffled.indices, steps.indices)
+    assert torch.equal(shuffled_order(steps, 0, 1).indices, shuffled.indices)  # seeded
+    assert not torch.equal(shuffled_order(steps, 1, 1).indices, shuffled.indices)
+
+
+@pytest.mark.parametrize("loss,same", [("linear_loss", True), ("mse", False)])
+def test_the_order_matters_only_where_the_steps_interact(loss, same):
+    """Plain SGD at a constant rate on a loss linear in theta ends at theta_0 - lr * (sum of the
+    batch-mean gradients), the same for any partition of the examples into equal batches: the
+    reshuffled retraining equals the recorded one (to rounding). On a quadratic loss it does not."""
+    target = f"tests.estimators.toy:{loss}" if loss == "linear_loss" else "mse"
+    cfg = toy.pipeline(target, [{"type": "sgd"}] * 2, ["reset"] * 2, [0.1, 0.05])
+    for spec in cfg["stages"].values():
+        spec["schedule"] = {"name": "constant"}
+    traj = run_pipeline(PipelineSpec.from_dict(cfg), None)
+    recorded, shuffled = skip_stage(traj, "s0").state, skip_stage_shuffled(traj, "s0", 0).state
+    gap = max(float((recorded[n] - shuffled[n]).abs().max()) for n in recorded)
+    assert (gap < 1e-12) if same else (gap > 1e-6), gap
 
 
 def test_validate_api_reports_group_behaviours_alone_too(shared_run, behaviors_file):

@@ -21,7 +21,7 @@ def test_names_and_shorthand_build_typed_settings():
     e3 = build("e3", {"rank": 5, "at": "end"})
     assert isinstance(e3, E3) and e3.arguments.rank == 5 and e3.arguments.at == "end"
     assert e3.settings() == {**E3().settings(), "rank": 5, "at": "end"}
-    assert set(ESTIMATORS) == {"e0", "e1", "e2", "e3", "e4"}
+    assert set(ESTIMATORS) == {"e0", "e1", "e2", "e3", "e4", "subset", "truth"}
 
 
 def test_labels_name_the_settings_that_differ_from_the_defaults():

@@ -31,7 +31,7 @@ def test_quick_run_fills_only_the_marked_section_and_refuses_a_file_without_mark
     assert "stale section" not in section and section.strip() in done.stdout
     assert f"python -m experiments.bench --quick --out {out}" in section
     assert sum(line.startswith("|---") for line in section.splitlines()) == 3  # three tables
-    for method in ["ground truth", "e0", "e1", "e2", "e4:2"]:
+    for method in ["ground truth", "e0", "e1", "e2", "e4:2", "subset:0.25"]:
         assert f"\n| {method} | " in section
     assert "examples/s" in section and "vmap(grad)" in section
 

@@ -21,7 +21,7 @@ from experiments.fidelity_report import main as fidelity_report
 from experiments.sections import markers
 
 REPO = Path(__file__).resolve().parents[2]
-ESTIMATORS = ["e0", "e1", "e3", "e4:2", "e2"]
+ESTIMATORS = ["e0", "e1", "e3", "e4:2", "e2", "subset"]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,9 @@ def test_every_estimator_readout_and_stage_is_scored(smoke_run):
     assert result["failures"] == {} and result["group_rows"] == []  # per-example behaviours only
     stages = ["pretrain", "finetune", "adapt"]
     # the smoke preset runs E3 at rank 5 on 128 examples: its rows say so
-    labels = [e if e != "e3" else "e3(rank=5, sample=128)" for e in ESTIMATORS]
+    labels = [
+        {"e3": "e3(rank=5, sample=128)", "subset": "subset:0.25"}.get(e, e) for e in ESTIMATORS
+    ]
     for estimator in labels:
         for readout in ["linear", "evaluated"]:
             for behavior in ["test_loss", "test_margin"]:
@@ -77,6 +79,27 @@ def test_every_estimator_readout_and_stage_is_scored(smoke_run):
     assert (smoke_run / "scatter_test_loss.png").stat().st_size > 0
     table = (smoke_run / "fidelity.md").read_text()
     assert "| e3(rank=5, sample=128) | linear | finetune |" in table
+
+
+def test_the_noise_ceiling_is_measured_by_default_and_scores_every_row(smoke_run):
+    result = json.loads((smoke_run / "fidelity.json").read_text())
+    ceiling = result["ceiling"]
+    assert ceiling["seeds"] == [0, 1]  # the study's default: two reshuffled later orders
+    by_stage = {(c["behavior"], c["stage"]): c["pearson"] for c in ceiling["rows"]}
+    assert by_stage[("test_loss", "adapt")] == pytest.approx(1.0)  # nothing later to reshuffle
+    assert by_stage[("test_loss", "pretrain")] < 1.0
+    for row in (r for r in result["rows"] if r["estimator"] not in ("random",)):
+        assert row["ceiling_pearson"] == by_stage[(row["behavior"], row["stage"])]
+        assert row["pearson_of_ceiling"] == pytest.approx(row["pearson"] / row["ceiling_pearson"])
+        assert -1.0 <= row["pearson_expected"] <= 1.0
+    # the subset replay's last stage is exact, as every estimator's
+    (last,) = [
+        r
+        for r in result["rows"]
+        if (r["estimator"], r["readout"], r["behavior"], r["stage"])
+        == ("subset:0.25", "evaluated", "test_loss", "adapt")
+    ]
+    assert last["pearson"] == pytest.approx(1.0) and last["sign_agreement"] == 1.0
 
 
 def test_regime_quantities_follow_from_the_record_and_the_declared_rates(smoke_run):
@@ -105,6 +128,8 @@ def test_report_writes_only_its_section_and_the_figures(smoke_run, tmp_path):
     text = out.read_text()
     assert text.startswith(f"above\n{start}\n") and text.endswith(f"{end}\nbelow\n")
     assert "stale" not in text and "from 1 runs" in text
+    assert "| later mass/(1-μ) | ceiling |" in text  # the regime map's noise-ceiling column
+    assert "| × truth seconds | of ceiling | runs |" in text
     assert f"--out {out}" in text  # the command that reproduces it
     assert (figures / "fidelity_cost.png").stat().st_size > 0
     assert (figures / "fidelity_regime.png").stat().st_size > 0

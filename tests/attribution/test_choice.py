@@ -1,0 +1,146 @@
+"""``--estimator auto`` and the reliability labels (``attribution.analysis.choice``): the truth
+when it fits the budget, an estimate with a label otherwise, never an estimate without one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attribution.analysis import choice
+from attribution.analysis.audit import audit, load_behaviors
+from attribution.analysis.choice import LABELS, plan
+from attribution.analysis.cli import main
+from attribution.record.counterfactual import as_model, skip_stage
+from attribution.record.recorder import Recorder
+from attribution.record.references import Ref
+from attribution.record.trajectory import Trajectory
+from experiments.data import mnist
+from experiments.models import MLP
+
+TEST = {"target": "experiments.data:mnist", "kwargs": {"split": "test", "stop": 100}}
+BEHAVIORS = f"""\
+test_loss: {{data: {json.dumps(TEST)}, quantity: loss}}
+halves:
+  data: {json.dumps(TEST)}
+  aggregate: group_gap
+  groups: {{low: [0, 1, 2, 3, 4], high: [5, 6, 7, 8, 9]}}
+  gap: [low, high]
+"""
+
+
+@pytest.fixture
+def behaviors(tmp_path: Path) -> dict:
+    path = tmp_path / "behaviours.yaml"
+    path.write_text(BEHAVIORS)
+    return load_behaviors(path)
+
+
+@pytest.fixture
+def per_step(monkeypatch) -> float:
+    """Each training step is predicted to take 10 ms, so predictions do not depend on load."""
+    monkeypatch.setattr(choice, "step_seconds", lambda traj, j: 0.01)
+    return 0.01
+
+
+def predicted_truth(traj: Trajectory, per_step: float) -> float:
+    steps = [r.num_steps for r in traj.stages]
+    return per_step * sum(sum(steps[k + 1 :]) for k in range(len(steps)))
+
+
+def test_auto_answers_with_the_truth_when_it_fits_the_budget(run_copy, behaviors, per_step):
+    traj = Trajectory.open(run_copy)
+    result = audit(traj, "auto", behaviors)
+    assert result.plan.estimator == "truth"
+    assert result.plan.predicted_seconds["truth"] == pytest.approx(predicted_truth(traj, per_step))
+    assert {label.label for label in result.labels.values()} == {"exact"}
+    x, y = mnist(split="test", stop=100).tensors
+    final = as_model(traj, traj.checkpoint(len(traj.stages) - 1, "end")).eval()
+    for stage in traj.names:
+        without = as_model(traj, skip_stage(traj, stage).state).eval()
+        with torch.no_grad():
+            truth = F.cross_entropy(final(x), y, reduction="none") - F.cross_entropy(
+                without(x), y, reduction="none"
+            )
+        got = torch.tensor(result.behaviors["test_loss"].effects[stage], dtype=torch.float64)
+        torch.testing.assert_close(got, truth.double(), rtol=0, atol=1e-6)
+
+
+def test_over_budget_a_subset_replay_is_labelled_by_two_independent_replays(
+    run_copy, behaviors, per_step
+):
+    traj = Trajectory.open(run_copy, cache=False)
+    truth = predicted_truth(traj, per_step)
+    result = audit(traj, "auto", behaviors, budget=0.75 * truth)
+    assert result.plan.estimator == "subset:0.25"
+    assert "--budget" in result.plan.better
+    *earlier, last = traj.names
+    assert result.labels[last].label == "exact"
+    for stage in earlier:
+        label = result.labels[stage]
+        assert label.label in LABELS[1:] and -1 <= label.agreement <= 1
+        expected = (
+            "reliable"
+            if label.agreement >= choice.RELIABLE_AGREEMENT
+            else "uncertain"
+            if label.agreement >= choice.UNCERTAIN_AGREEMENT
+            else "unreliable"
+        )
+        assert label.label == expected and f"{label.agreement:.2f}" in label.evidence
+
+
+def test_below_every_replay_e1_answers_and_says_it_is_unreliable(run_copy, behaviors, per_step):
+    traj = Trajectory.open(run_copy, cache=False)
+    result = audit(traj, "auto", behaviors, budget=0.0)
+    assert result.plan.estimator == "e1"
+    assert [result.labels[s].label for s in traj.names] == ["unreliable", "unreliable", "exact"]
+
+
+@pytest.mark.parametrize("estimator", ["e0", "e1", "e4:2", "subset:0.5"])
+@pytest.mark.parametrize("readout", ["evaluated", "linear"])
+def test_no_estimate_is_ever_given_without_a_label(run_copy, behaviors, estimator, readout):
+    traj = Trajectory.open(run_copy, cache=False)
+    result = audit(traj, estimator, behaviors, readout)
+    assert set(result.labels) == set(traj.names)
+    assert all(label.label in LABELS and label.evidence for label in result.labels.values())
+    last = result.labels[traj.names[-1]].label
+    assert last == ("exact" if readout == "evaluated" else "uncertain")
+    assert "labels" in result.to_json()
+
+
+def test_without_a_replayable_record_auto_says_what_is_missing(tmp_path, behaviors):
+    model = MLP(hidden=[8])
+    recorder = Recorder(None, model, Ref("experiments.models:MLP", {"hidden": [8]}))
+    x, y = mnist(stop=64).tensors
+    with recorder.stage(
+        "only",
+        kind="finetune",
+        seed=0,
+        data=Ref("experiments.data:mnist", {"stop": 64}),
+        log_batches=False,
+    ) as stage:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        stage.attach(optimizer)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    traj = recorder.finish()
+    decided = plan(traj, budget=1e9)
+    assert decided.estimator == "e1" and "batch indices" in decided.reason
+    assert "record the batch order" in decided.better
+
+
+def test_the_command_line_says_what_it_chose_and_labels_every_stage(run_copy, tmp_path, capsys):
+    (run_copy / "behaviors.yaml").write_text(BEHAVIORS)
+    assert main(["audit", str(run_copy), "--budget", "0", "--no-cache"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("method: e1. Why: retraining")
+    assert "unreliable" in out and "a better answer: a budget of" in out
+    assert main(["audit", str(run_copy)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("method: truth. Why: retraining without each stage is predicted")
+    written = json.loads((run_copy / "attribution.json").read_text())
+    assert written["plan"]["estimator"] == "truth"
+    assert {v["label"] for v in written["labels"].values()} == {"exact"}

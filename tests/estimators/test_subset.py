@@ -1,0 +1,110 @@
+"""Single-arm subset replay: the truth at budget 1, the allocation rule in closed form, seeded,
+and its cost in replayed examples."""
+
+import math
+
+import pytest
+import torch
+
+from attribution.record.counterfactual import skip_stage
+from attribution.record.errors import SpecError
+from attribution.record.pipeline import run_pipeline
+from attribution.record.spec import PipelineSpec
+from estimators import build
+from estimators.base import final_buffer_names, final_parameter_names
+from estimators.subset import Subset, SubsetArguments, allocate, subset_schedule
+from tests.attribution import tiny
+
+
+def three_stage(policy: str = "reset", adam: bool = False):
+    """The tiny three-stage run (SGD with momentum, Nesterov later); with ``adam``, AdamW with
+    gradient clipping in the later stages."""
+    config = tiny.three_stage(policy)
+    if adam:  # Adam in the later stages, with clipping: its state comes from the replay too
+        for name in ("finetune", "adapt"):
+            config["stages"][name]["optimizer"] = dict(tiny.ADAMW)
+            config["stages"][name]["lr"] = 1e-2
+            config["stages"][name]["clip_grad_norm"] = 0.5
+    return run_pipeline(PipelineSpec.from_dict(config), None)
+
+
+@pytest.mark.parametrize("policy,adam", [("reset", False), ("carry", False), ("reset", True)])
+def test_budget_one_is_the_ground_truth_bit_for_bit(policy, adam):
+    traj = three_stage(policy, adam)
+    embeddings = Subset(budget=1.0).embed(traj)
+    last = len(traj.stages) - 1
+    final = traj.checkpoint(last, "end")
+    names = [*final_parameter_names(traj), *final_buffer_names(traj)]
+    for stage in traj.names[:-1]:
+        skipped = skip_stage(traj, stage).state
+        for name in names:
+            expected = skipped[name].double() - final[name].double()
+            assert torch.equal(embeddings.offsets[stage][name], expected), (stage, name)
+    # the last stage: its exact displacement, start minus end
+    start = traj.checkpoint(last, "start")
+    for name, value in embeddings.offsets[traj.names[-1]].items():
+        assert torch.equal(value, start[name].double() - final[name].double())
+
+
+def test_allocation_follows_the_square_root_of_the_rate_in_closed_form():
+    # w = sqrt(lr) = [0.2, 0.1, 0, 0.3]; 12 examples at c = 20: [4, 2, 0, 6]
+    assert allocate([10, 10, 10, 10], [0.2, 0.1, 0.0, 0.3], 12) == [4, 2, 0, 6]
+    # water-filling: at c = 14 / 0.6 step 3 would take 7 > 4, so it is full and the other two
+    # share 14 - 4 = 10 in proportion 2:1: 6.67 and 3.33 -> 7 and 3 (largest remainder)
+    assert allocate([10, 10, 4], [0.2, 0.1, 0.3], 14) == [7, 3, 4]
+    # a budget covering every example gives every step its whole batch, zero weight or not
+    assert allocate([5, 7, 3], [0.0, 1.0, 2.0], 15) == [5, 7, 3]
+    counts = allocate([64] * 50, [math.sqrt(0.01 * (1 + t % 5)) for t in range(50)], 800)
+    assert sum(counts) == 800 and all(0 <= n <= 64 for n in counts)
+    # uniform: a quarter of every batch
+    assert allocate([64, 32, 32], [64.0, 32.0, 32.0], 32) == [16, 8, 8]
+
+
+@pytest.mark.parametrize("budget", [0.01, 0.4])
+def test_subsets_follow_the_rule_keep_the_rates_and_drop_empty_steps(budget):
+    traj = three_stage()
+    later = [(traj.stages[j], traj.steps(j)) for j in (1, 2)]
+    recorded = [(s, t) for _, s in later for t in range(s.num_steps)]
+    rates = torch.cat([s.lr.mean(1) for _, s in later])
+    sizes = [len(s.batch(t)) for s, t in recorded]
+    expected = allocate(sizes, rates.sqrt().tolist(), round(budget * sum(sizes)))
+    # 4 examples at budget 0.01: one each to four steps of adapt (rate 0.05 > finetune's 0.02)
+    assert (0 in expected) == (budget == 0.01)
+    if budget == 0.01:
+        assert expected == [0] * 6 + [1, 1, 1, 1, 0, 0]
+    subsets = subset_schedule(later, SubsetArguments(budget=budget), 0)
+    cut = [(s, i) for (_, s) in subsets for i in range(s.num_steps)]
+    kept = [(steps, t, n) for (steps, t), n in zip(recorded, expected, strict=True) if n > 0]
+    assert len(cut) == len(kept)  # steps allotted nothing are dropped
+    for (steps, t, n), (log, i) in zip(kept, cut, strict=True):
+        batch = log.batch(i)
+        assert len(batch) == n and len(set(batch.tolist())) == n
+        assert set(batch.tolist()) <= set(steps.batch(t).tolist())  # a subset of its batch
+        assert torch.equal(log.lr[i], steps.lr[t])  # with its own rate
+    for (record, _), (cut_record, log) in zip(later, subsets, strict=True):
+        assert cut_record.num_steps == log.num_steps and cut_record.groups == record.groups
+
+
+def test_the_seed_makes_it_deterministic_and_the_cost_matches_the_budget():
+    traj = three_stage()
+    a, b = Subset(budget=0.25, seed=3).embed(traj), Subset(budget=0.25, seed=3).embed(traj)
+    other = Subset(budget=0.25, seed=4).embed(traj)
+    stage = traj.names[0]
+    assert all(torch.equal(a.offsets[stage][n], b.offsets[stage][n]) for n in a.offsets[stage])
+    assert any(
+        not torch.equal(a.offsets[stage][n], other.offsets[stage][n]) for n in a.offsets[stage]
+    )
+    # later examples: finetune 6 + adapt 6 steps of 32 after pretrain, adapt's 6 after finetune
+    truth_examples = (12 + 6) * 32
+    assert a.counts["examples"] == round(0.25 * 12 * 32) + round(0.25 * 6 * 32)
+    assert a.counts["examples"] == pytest.approx(0.25 * truth_examples, abs=1)
+    assert Subset(budget=1.0).embed(traj).counts["examples"] == truth_examples
+
+
+def test_settings_are_typed_and_refused_with_a_fix():
+    assert build("subset:0.5").arguments.budget == 0.5
+    assert build("subset").label == "subset:0.25"
+    assert build("subset", {"allocation": "uniform"}).label == "subset:0.25(allocation=uniform)"
+    for bad in ({"budget": 0}, {"budget": 1.5}, {"allocation": "random"}, {"seed": -1}):
+        with pytest.raises(SpecError, match="Fix"):
+            Subset(**bad)
