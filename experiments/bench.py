@@ -1,13 +1,16 @@
-"""What stage embeddings and read-outs cost, measured on the stages_mnist pipeline.
+"""What stage embeddings and read-outs cost, measured on the stages_mnist and toxicity pipelines.
 
 ``python -m experiments.bench [--out docs/results.md] [--quick]`` records (or reuses, under
-``runs/bench/``) the pipeline's trajectory, then measures:
+``runs/bench/``) the pipelines' trajectories, then measures on stages_mnist:
 
 - the seconds and peak memory of the ground truth (retraining without every stage) and of each
   estimator's ``embed``, each in a fresh process so that its peak memory is its own;
 - the throughput of the linear and evaluated read-outs against plain inference;
 - the jvp read-out against per-example gradients (``vmap(grad)`` and a ``backward`` loop), and
-  that the three agree.
+  that the three agree;
+
+and on the toxicity pipeline (the text transformer), the seconds of the truth, of each
+estimator in ``TEXT_METHODS`` and of both read-outs on its test set, against the truth.
 
 It prints a Markdown section and, with ``--out``, writes it between the lines
 ``<!-- bench:start -->`` and ``<!-- bench:end -->`` of that file, leaving the rest as it is.
@@ -44,7 +47,7 @@ from attribution.analysis.readout import evaluated_effects, linear_effects
 from attribution.record.counterfactual import check_skippable, retrain_after
 from attribution.record.evaluation import ModelAt, final_model, per_example
 from attribution.record.pipeline import run_pipeline
-from attribution.record.references import load_dataset
+from attribution.record.references import Ref, load_dataset
 from attribution.record.spec import PipelineSpec
 from attribution.record.trajectory import MANIFEST, Trajectory
 from estimators import E0, E1, E2, E3, E4, Subset
@@ -54,6 +57,9 @@ from experiments.sections import SectionError, provenance, publish
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "runs" / "bench"
 EXPERIMENT = "stages_mnist"
+TEXT = "toxicity"
+PRESETS = {EXPERIMENT: "smoke", TEXT: "toxicity_smoke"}
+"""The preset of each benchmarked experiment under ``--quick``."""
 SECTION = "bench"
 READOUT_BATCH = 512
 GRADIENT_BATCH = 64
@@ -87,6 +93,8 @@ METHODS: dict[str, Callable[[Trajectory], Any]] = {
     "subset:0.25 (uniform)": Subset(budget=0.25, allocation="uniform").embed,
 }
 """What table (i) measures, by the name it shows; ``embed``, never ``stored_embeddings``."""
+TEXT_METHODS = ("ground truth", "e0", "e1", "e2", "e4:2", "subset:0.25")
+"""What the toxicity table measures (E3's Lanczos is left out: its cost is the MNIST table's)."""
 
 
 @dataclass(frozen=True)
@@ -171,12 +179,12 @@ def measured_cost(method: str, root: Path, repeats: int) -> Cost:
     )
 
 
-def pipeline_config(quick: bool) -> dict[str, Any]:
-    """The resolved ``pipeline`` of ``experiment=stages_mnist`` (``preset=smoke`` if quick)."""
-    overrides = [f"experiment={EXPERIMENT}"] + (["preset=smoke"] if quick else [])
+def experiment_config(experiment: str, quick: bool) -> dict[str, Any]:
+    """The resolved config of ``experiment`` (its ``PRESETS`` preset if quick)."""
+    overrides = [f"experiment={experiment}"] + ([f"preset={PRESETS[experiment]}"] if quick else [])
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
-    return OmegaConf.to_container(cfg.pipeline, resolve=True)
+    return OmegaConf.to_container(cfg, resolve=True)
 
 
 def build(spec: Mapping[str, Any], root: str) -> None:
@@ -184,11 +192,11 @@ def build(spec: Mapping[str, Any], root: str) -> None:
     run_pipeline(PipelineSpec.from_dict(spec), root)
 
 
-def prepared_trajectory(quick: bool) -> Path:
+def prepared_trajectory(quick: bool, experiment: str = EXPERIMENT) -> Path:
     """The benchmark's trajectory, recorded once per configuration under ``runs/bench/``."""
-    spec = PipelineSpec.from_dict(pipeline_config(quick)).to_dict()
+    spec = PipelineSpec.from_dict(experiment_config(experiment, quick)["pipeline"]).to_dict()
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
-    root = CACHE / f"{EXPERIMENT}-{digest}"
+    root = CACHE / f"{experiment}-{digest}"
     if not ((root / MANIFEST).is_file() and Trajectory.open(root).complete):
         in_fresh_process(build, spec, str(root))
     return root
@@ -312,13 +320,37 @@ def gradient_comparison(
     return rows
 
 
-def describe(traj: Trajectory, root: Path, quick: bool) -> str:
+def describe(traj: Trajectory, root: Path, quick: bool, experiment: str = EXPERIMENT) -> str:
     """The benchmarked trajectory in one line: configuration, stages and steps, model size."""
     stages = ", ".join(f"{r.name} ({r.num_steps} steps)" for r in traj.stages)
     size = sum(p.numel() for p in traj.build_model(len(traj.stages) - 1).parameters())
-    preset = "`preset=smoke`" if quick else "default configuration"
+    preset = f"`preset={PRESETS[experiment]}`" if quick else "default configuration"
     where = root.relative_to(REPO) if root.is_relative_to(REPO) else root
-    return f"`{EXPERIMENT}`, {preset} (`{where}`): {stages}; final model {size:,} parameters."
+    return f"`{experiment}`, {preset} (`{where}`): {stages}; final model {size:,} parameters."
+
+
+def text_costs(quick: bool, repeats: int) -> tuple[str, list[Cost], list[Cost]]:
+    """The toxicity pipeline: its description, the seconds of ``TEXT_METHODS`` (fresh
+    processes), and of inference and both read-outs of E1's embeddings on its test set."""
+    root = prepared_trajectory(quick, TEXT)
+    costs = [measured_cost(method, root, repeats) for method in TEXT_METHODS]
+    traj = Trajectory.open(root)
+    model = final_model(traj)
+    embeddings = E1().embed(traj).offsets
+    data = experiment_config(TEXT, quick)["evaluation"]["data"]
+    inputs, targets = load_dataset(Ref(data["target"], data["kwargs"])).tensors[:2]
+
+    def readout(fn: Callable[..., Any]) -> Callable[[], Any]:
+        return lambda: fn(model, embeddings, inputs, targets, "loss", READOUT_BATCH)
+
+    passes = [
+        ("inference", lambda: infer(model.module, inputs, READOUT_BATCH)),
+        ("linear read-out", readout(linear_effects)),
+        ("evaluated read-out", readout(evaluated_effects)),
+    ]
+    passes_cost = [Cost(name, timed(fn, repeats)[1], float("nan")) for name, fn in passes]
+    described = describe(traj, root, quick, TEXT) + f" Test set: {len(targets):,} comments."
+    return described, costs, passes_cost
 
 
 def render(
@@ -328,8 +360,9 @@ def render(
     costs: Sequence[Cost],
     throughput: Throughput,
     gradients: Sequence[GradientRow],
+    text: tuple[str, Sequence[Cost], Sequence[Cost]],
 ) -> str:
-    """The Markdown section: provenance, then the three tables."""
+    """The Markdown section: provenance, then the four tables."""
     truth = next(c.seconds for c in costs if c.method == "ground truth")
     jvp = gradients[0].seconds
     lines = [
@@ -375,8 +408,33 @@ def render(
             f"{r.max_abs_diff:.2g} |"
             for r in gradients
         ),
+        "",
+        *text_table(*text),
     ]
     return "\n".join(lines)
+
+
+def text_table(described: str, costs: Sequence[Cost], passes: Sequence[Cost]) -> list[str]:
+    """The toxicity pipeline's table: each method's and each read-out's seconds against the
+    truth (retraining without every stage)."""
+    truth = next(c.seconds for c in costs if c.method == "ground truth")
+    inference = passes[0].seconds
+    return [
+        "### The toxicity pipeline: estimators and read-outs against its retraining",
+        "",
+        f"Trajectory: {described} Estimators: `embed` in fresh processes, as above; read-outs: "
+        f"3 E1 stage embeddings over the test set, quantity loss, batches of {READOUT_BATCH}, "
+        "in one process.",
+        "",
+        "| method | seconds | x ground truth | x inference |",
+        "|---|---|---|---|",
+        *(f"| {c.method} | {c.seconds:.3g} | {c.seconds / truth:.3g} | |" for c in costs),
+        *(
+            f"| {p.method} | {p.seconds:.3g} | {p.seconds / truth:.3g} | "
+            f"{p.seconds / inference:.3g} |"
+            for p in passes
+        ),
+    ]
 
 
 def benchmark(quick: bool, command: str) -> str:
@@ -384,6 +442,7 @@ def benchmark(quick: bool, command: str) -> str:
     root = prepared_trajectory(quick)
     repeats = 1 if quick else 3
     costs = [measured_cost(method, root, repeats) for method in METHODS]
+    text = text_costs(quick, repeats)
     traj = Trajectory.open(root)
     model = final_model(traj)
     embeddings = E1().embed(traj).offsets
@@ -392,7 +451,7 @@ def benchmark(quick: bool, command: str) -> str:
     gradients = gradient_comparison(
         model, embeddings, inputs[:GRADIENT_EXAMPLES], targets[:GRADIENT_EXAMPLES], repeats
     )
-    return render(command, describe(traj, root, quick), repeats, costs, throughput, gradients)
+    return render(command, describe(traj, root, quick), repeats, costs, throughput, gradients, text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

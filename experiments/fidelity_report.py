@@ -270,15 +270,19 @@ def plot_regime(rows: Sequence[Row], path: Path, readout: str) -> None:
     _save(fig, path)
 
 
-def render(rows: Sequence[Row], command: str, figures: Path, out: Path | None) -> str:
-    """The Markdown section."""
+def render(
+    rows: Sequence[Row], command: str, figures: Path, out: Path | None, name: str = SECTION
+) -> str:
+    """The Markdown section ``name`` (its figures are named after it)."""
     loss_rows = select(rows, behavior=BEHAVIOR)
     default = select(loss_rows, **DEFAULT)
     relative = figures.relative_to(out.parent) if out is not None else figures
     runs = len({r["run"] for r in rows})
     lines = [
         *provenance(
-            "## The fidelity study (generated)",
+            "## The fidelity study (generated)"
+            if name == SECTION
+            else f"## The fidelity study: `{name}` (generated)",
             f"from {runs} runs by the command below, after the sweeps listed above it; every "
             "number comes from the runs' `fidelity.json` files.",
             command,
@@ -321,9 +325,9 @@ def render(rows: Sequence[Row], command: str, figures: Path, out: Path | None) -
         "",
         *regime_table(select(loss_rows, model="MLP", stages=3, later="sgd_momentum"), "evaluated"),
         "",
-        f"![Fidelity against cost]({relative / 'fidelity_cost.png'})",
+        f"![Fidelity against cost]({relative / f'{name}_cost.png'})",
         "",
-        f"![Regime map]({relative / 'fidelity_regime.png'})",
+        f"![Regime map]({relative / f'{name}_regime.png'})",
     ]
     return "\n".join(lines)
 
@@ -337,13 +341,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("dirs", nargs="+", type=Path, help="directories holding fidelity runs")
     parser.add_argument("--out", type=Path, help="Markdown file holding the two marker lines")
     parser.add_argument("--figures", type=Path, default=Path("docs/figures"))
+    parser.add_argument(
+        "--section", default=SECTION, help=f"the marker name in --out (default {SECTION})"
+    )
     args = parser.parse_args(argv)
     command = shlex.join(["python", "-m", "experiments.fidelity_report", *argv])
-    return publish(args.out, SECTION, lambda: report(args.dirs, args.figures, args.out, command))
+    return publish(
+        args.out,
+        args.section,
+        lambda: report(args.dirs, args.figures, args.out, command, args.section),
+    )
 
 
-def report(dirs: Sequence[Path], figures: Path, out: Path | None, command: str) -> str:
-    """Read the runs under ``dirs``, draw the figures into ``figures``, render the section."""
+def report(
+    dirs: Sequence[Path], figures: Path, out: Path | None, command: str, name: str = SECTION
+) -> str:
+    """Read the runs under ``dirs``, draw the figures into ``figures``, render section
+    ``name``."""
     rows = load_runs(dirs)
     if not rows:
         raise SectionError(
@@ -353,9 +367,9 @@ def report(dirs: Sequence[Path], figures: Path, out: Path | None, command: str) 
         )
     figures.mkdir(parents=True, exist_ok=True)
     loss_rows = select(rows, behavior=BEHAVIOR)
-    plot_cost(loss_rows, figures / "fidelity_cost.png")
-    plot_regime(loss_rows, figures / "fidelity_regime.png", "evaluated")
-    return render(rows, command, figures, out)
+    plot_cost(loss_rows, figures / f"{name}_cost.png")
+    plot_regime(loss_rows, figures / f"{name}_regime.png", "evaluated")
+    return render(rows, command, figures, out, name)
 
 
 def _ceiling(rows: Sequence[Row]) -> float:

@@ -30,10 +30,14 @@ def test_quick_run_fills_only_the_marked_section_and_refuses_a_file_without_mark
     section = text[len(BEFORE) + len(START) : -len(END + AFTER) - 1]
     assert "stale section" not in section and section.strip() in done.stdout
     assert f"python -m experiments.bench --quick --out {out}" in section
-    assert sum(line.startswith("|---") for line in section.splitlines()) == 3  # three tables
+    assert sum(line.startswith("|---") for line in section.splitlines()) == 4  # four tables
+    mnist, text = section.split("### The toxicity pipeline")
     for method in ["ground truth", "e0", "e1", "e2", "e4:2", "subset:0.25"]:
-        assert f"\n| {method} | " in section
-    assert "examples/s" in section and "vmap(grad)" in section
+        assert f"\n| {method} | " in mnist and f"\n| {method} | " in text
+    assert "examples/s" in mnist and "vmap(grad)" in mnist
+    for readout in ["inference", "linear read-out", "evaluated read-out"]:
+        assert f"\n| {readout} | " in text
+    assert "`toxicity`, `preset=toxicity_smoke`" in text
 
     unmarked = tmp_path / "unmarked.md"
     unmarked.write_text(BEFORE + AFTER)

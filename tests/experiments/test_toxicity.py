@@ -134,8 +134,17 @@ def test_the_lora_stage_changes_only_adapter_parameters(smoke_run):
         assert not start[name].any() and end[name].any(), name  # from zero, trained
 
 
-def test_summary_over_runs(smoke_run, capsys):
-    assert toxicity_summary([str(smoke_run)]) == 0
+def test_summary_over_runs(smoke_run, capsys, tmp_path):
+    out_file = tmp_path / "results.md"
+    out_file.write_text("before\n<!-- toxicity:start -->\nold\n<!-- toxicity:end -->\nafter\n")
+    argv = [str(smoke_run), "--figures", str(tmp_path / "figures"), "--out", str(out_file)]
+    assert toxicity_summary(argv) == 0
     out = capsys.readouterr().out
     assert "| seed | blamed |" in out and "named the biased stage in" in out
-    assert toxicity_summary([str(smoke_run / "nothing")]) == 2
+    assert (tmp_path / "figures" / "toxicity_gaps.png").stat().st_size > 0
+    written = out_file.read_text()
+    assert "old" not in written and "| seed | blamed |" in written
+    assert written.startswith("before\n") and written.endswith("after\n")
+    assert "python -m experiments.toxicity_report" in written
+    nothing = [str(smoke_run / "nothing"), "--figures", str(tmp_path / "figures")]
+    assert toxicity_summary(nothing) == 2
