@@ -60,6 +60,36 @@ def summary(reports: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def fidelity_table(reports: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Each estimator and read-out against retraining on the per-example test loss, mean over
+    the runs: Pearson per stage, and seconds against the truth's."""
+    rows = [
+        r for report in reports for r in report["fidelity"]["rows"] if r["behavior"] == "test_loss"
+    ]
+    stages = list(dict.fromkeys(r["stage"] for r in rows))
+    methods = list(dict.fromkeys((r["estimator"], r["readout"]) for r in rows))
+
+    def mean(values: Sequence[float]) -> float:
+        return sum(values) / len(values)
+
+    lines = [
+        "| estimator | read-out | "
+        + " | ".join(f"Pearson: {s}" for s in stages)
+        + " | x truth seconds | runs |",
+        "|" + "---|" * (len(stages) + 4),
+    ]
+    for estimator, readout in methods:
+        mine = [r for r in rows if (r["estimator"], r["readout"]) == (estimator, readout)]
+        pearson = [mean([r["pearson"] for r in mine if r["stage"] == s]) for s in stages]
+        runs = len(mine) // len(stages)
+        lines.append(
+            f"| {estimator} | {readout} | "
+            + " | ".join(f"{p:.3f}" for p in pearson)
+            + f" | {mean([r['cost_ratio'] for r in mine]):.3g} | {runs} |"
+        )
+    return lines
+
+
 def plot_gaps(reports: Sequence[Mapping[str, Any]], path: Path) -> None:
     """The identity FPR gap of the final model and after each intervention, per stage choice,
     one point per seed."""
@@ -106,7 +136,18 @@ def section(dirs: Sequence[Path], figures: Path, out: Path | None, command: str)
         command,
     )
     return "\n".join(
-        [*lines, "", summary(reports), "", f"![Identity FPR gap per intervention]({relative})"]
+        [
+            *lines,
+            "",
+            summary(reports),
+            "",
+            f"![Identity FPR gap per intervention]({relative})",
+            "",
+            "Estimators against retraining on this pipeline (per-example test loss, mean over "
+            "the runs; seconds include the read-out):",
+            "",
+            *fidelity_table(reports),
+        ]
     )
 
 
