@@ -144,3 +144,23 @@ def test_the_command_line_says_what_it_chose_and_labels_every_stage(run_copy, tm
     written = json.loads((run_copy / "attribution.json").read_text())
     assert written["plan"]["estimator"] == "truth"
     assert {v["label"] for v in written["labels"].values()} == {"exact"}
+
+
+def test_a_check_replay_that_diverges_labels_the_estimates_unreliable(
+    run_copy, behaviors, monkeypatch
+):
+    from attribution.record.errors import TrainingError
+    from estimators import subset
+
+    traj = Trajectory.open(run_copy, cache=False)  # nothing stored: every replay runs
+    real = subset.Subset.offsets
+
+    def diverging(self, traj, counts):
+        if self.arguments.budget < 0.5:
+            raise TrainingError("stage 'adapt' step 3: the loss is nan. Fix: lower the rate")
+        return real(self, traj, counts)
+
+    monkeypatch.setattr(subset.Subset, "offsets", diverging)
+    labels = audit(traj, "subset:0.5", behaviors).labels
+    for stage in traj.names[:-1]:
+        assert labels[stage].label == "unreliable" and "diverged" in labels[stage].evidence

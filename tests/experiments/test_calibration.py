@@ -1,0 +1,54 @@
+"""The calibration report: labels from ``stagetrace audit`` against the truth of fidelity runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from experiments.calibration_report import main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_labels_are_set_against_the_truth_the_run_measured(tmp_path, capsys):
+    run = tmp_path / "run"
+    command = [
+        sys.executable,
+        "-m",
+        "experiments.run",
+        "experiment=fidelity",
+        "preset=fidelity_smoke",
+        "estimators=[subset]",
+        "readouts=[evaluated]",
+        "baselines=[]",
+        "ceiling=0",
+        "plots=false",
+        "~settings",
+        f"hydra.run.dir={run}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(command, cwd=REPO, env=env, check=True, capture_output=True)
+    out = tmp_path / "results.md"
+    out.write_text("<!-- calibration:start -->\n<!-- calibration:end -->\n")
+    assert main([str(tmp_path), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert (
+        "| label | stage estimates |" in text and "python -m experiments.calibration_report" in text
+    )
+    rows = json.loads((run / "fidelity.json").read_text())["rows"]
+    truth = {
+        r["stage"]: r["pearson"]
+        for r in rows
+        if r["estimator"] == "subset:0.25"
+        and r["readout"] == "evaluated"
+        and r["behavior"] == "test_loss"
+    }
+    for stage in ("pretrain", "finetune"):  # every stage before the last, with its truth
+        line = next(x for x in text.splitlines() if x.startswith(f"| {run} | {stage} |"))
+        assert f"| {truth[stage]:.3f} |" in line
+        assert line.split(" | ")[2] in ("reliable", "uncertain", "unreliable")
+    capsys.readouterr()
+    assert main([str(tmp_path / "none")]) == 2
