@@ -29,8 +29,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,20 +43,15 @@ from attribution.analysis.audit import audit, check_readouts
 from attribution.analysis.behaviors import Behavior
 from attribution.analysis.interventions import (
     Intervention,
-    filter_and_rerun,
-    most_harmful,
-    random_drop,
-    skip,
-    undo,
 )
 from attribution.record import SIGN_CONVENTION
 from attribution.record.errors import SpecError, StagetraceError
 from attribution.record.evaluation import ModelAt, final_model
 from attribution.record.references import Ref, load_dataset
 from attribution.record.trajectory import Trajectory
-from estimators import Estimator, StageEmbeddings, build_all, check_evidence, stored_embeddings
-from estimators.within_stage import example_scores
+from estimators import Estimator, build_all, check_evidence, stored_embeddings
 from experiments.logger import NullLogger, WandbLogger
+from experiments.tasks.removal import intervene, true_effects
 from experiments.tasks.setup import Task, write_result
 
 log = logging.getLogger(__name__)
@@ -92,18 +88,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     log.info("[3/4] ground truth: retraining without each stage")
     model = final_model(traj)
     final = test.accuracy(model, batch_size)
-    at_final = {name: _only(behaviors[name].values(model, batch_size)) for name in tracked}
-    truth = {}
-    for stage in traj.names:
-        skipped = skip(traj, stage, task.progress(f"without {stage}"))
-        without = model.at(skipped.state)
-        truth[stage] = {
-            **{
-                name: at_final[name] - _only(behaviors[name].values(without, batch_size))
-                for name in tracked
-            },
-            "seconds": skipped.seconds,
-        }
+    truth = true_effects(traj, behaviors, tracked, model, batch_size, task.progress)
     oracle = max(truth, key=lambda s: truth[s][settings["behavior"]])
     rng = np.random.default_rng(config["interventions"]["random_seed"])
     chosen = {"estimator": blamed, "random": str(rng.choice(traj.names)), "oracle": oracle}
@@ -117,18 +102,19 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     )
     behaviour = behaviors[settings["behavior"]].scalar(model)
     outcomes = []
+    scorer = Scorer(test, model, batch_size)
     for choice, stage in chosen.items():
         log.info("interventions on stage %s (%s)", stage, CHOSEN_BY[choice])
         outcomes += intervene(
             traj,
             stage,
-            choice,
             embeddings,
             behaviour,
             config["interventions"]["filter_fraction"],
             int(rng.integers(2**31)),
-            Scorer(test, model, batch_size),
-            task,
+            partial(scorer.row, choice=choice),
+            shortcut_carriers(traj, stage),
+            task.progress,
         )
     group_loss = audited.behaviors.get("group_loss")
     report = {
@@ -288,48 +274,6 @@ class Scorer:
         }
 
 
-def intervene(
-    traj: Trajectory,
-    stage: str,
-    choice: str,
-    embeddings: StageEmbeddings,
-    behaviour: Callable[[Mapping[str, Tensor]], Tensor],
-    fraction: float,
-    seed: int,
-    scorer: Scorer,
-    task: Task | None = None,
-) -> list[dict[str, Any]]:
-    """The three interventions on ``stage``, each a row with accuracies and seconds (undo's
-    include computing the embedding; filter's include scoring the stage's examples). ``task``,
-    when given, logs the progress of the reruns."""
-    undone = undo(traj, embeddings, stage)
-    rows = [scorer.row(undone, choice)]
-    rows[-1]["seconds"] += embeddings.seconds
-    progress = task.progress if task else lambda rerun: None
-    rows.append(scorer.row(skip(traj, stage, progress(f"without {stage}")), choice))
-    log.info("filter: scoring the training examples of stage %s", stage)
-    scores = example_scores(traj, stage, behaviour)
-    drop = most_harmful(scores, fraction)
-    log.info(
-        "filter: rerunning stage %s without its %d most harmful examples (scored in %.1f s), "
-        "then the stages after it",
-        stage,
-        len(drop),
-        scores.seconds,
-    )
-    filtered = filter_and_rerun(traj, stage, drop, progress(f"filtered {stage}"))
-    row = scorer.row(filtered, choice)
-    row["seconds"] += scores.seconds
-    carriers = shortcut_carriers(traj, stage)
-    row["dropped"] = len(drop)
-    row["dropped_carrier_share"] = row["random_carrier_share"] = None  # not known
-    if carriers is not None:
-        random = random_drop(scores.uses, fraction, seed)
-        row["dropped_carrier_share"] = float(carriers[drop].double().mean())
-        row["random_carrier_share"] = float(carriers[random].double().mean())
-    return [*rows, row]
-
-
 PLANTED = ("experiments.data:patch_mnist", "experiments.data:colored_mnist")
 """The shortcut builders: their labels are ``class >= 5`` of the source, flipped by noise."""
 
@@ -427,9 +371,3 @@ def _under(field: str, exc: StagetraceError) -> SpecError:
         message = message.removeprefix(f"{exc.field}: ")
     problem, _, fix = message.partition(". Fix: ")
     return SpecError(field, problem, fix or "correct the value")
-
-
-def _only(values: Mapping[str, float]) -> float:
-    """The value of a one-output behaviour."""
-    (value,) = values.values()
-    return value

@@ -30,7 +30,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,11 +43,6 @@ from torch import Tensor
 from attribution.analysis.audit import audit
 from attribution.analysis.interventions import (
     Intervention,
-    filter_and_rerun,
-    most_harmful,
-    random_drop,
-    skip,
-    undo,
 )
 from attribution.analysis.validate import validate
 from attribution.record import SIGN_CONVENTION
@@ -56,10 +51,10 @@ from attribution.record.evaluation import ModelAt, final_model
 from attribution.record.pipeline import run_pipeline
 from attribution.record.references import Ref, load_dataset
 from attribution.record.trajectory import Trajectory
-from estimators import StageEmbeddings, build_all, check_evidence, stored_embeddings
-from estimators.within_stage import example_scores
+from estimators import build_all, check_evidence, stored_embeddings
 from experiments.data.text import checked_terms, tokenizer
 from experiments.metrics_text import BiasMetrics, bias_metrics
+from experiments.tasks.removal import intervene, true_effects
 from experiments.tasks.setup import Task, write_result
 
 log = logging.getLogger(__name__)
@@ -114,18 +109,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     log.info("[3/5] ground truth: retraining without each stage")
     model = final_model(traj)
     final = test.metrics(model, batch_size)
-    at_final = {name: _only(behaviors[name].values(model, batch_size)) for name in tracked}
-    truth = {}
-    for stage in traj.names:
-        skipped = skip(traj, stage)
-        without = model.at(skipped.state)
-        truth[stage] = {
-            **{
-                name: at_final[name] - _only(behaviors[name].values(without, batch_size))
-                for name in tracked
-            },
-            "seconds": skipped.seconds,
-        }
+    truth = true_effects(traj, behaviors, tracked, model, batch_size, task.progress)
     oracle = max(truth, key=lambda s: truth[s][settings["behavior"]])
     rng = np.random.default_rng(config["interventions"]["random_seed"])
     chosen = {"estimator": blamed, "random": str(rng.choice(traj.names)), "oracle": oracle}
@@ -146,7 +130,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 behaviour,
                 config["interventions"]["filter_fraction"],
                 control_seed,
-                scorer,
+                scorer.row,
+                identity_insults(traj, stage),
+                task.progress,
             )
         outcomes += [{**row, "choice": choice} for row in per_stage[stage]]
 
@@ -249,32 +235,6 @@ def closed(before: float, after: float) -> float:
     """Share of the identity FPR gap an intervention closes: ``(before - after) / before``
     (1: closed, 0: unchanged, < 0: widened); NaN when there was no gap to close."""
     return (before - after) / before if before > 0 else math.nan
-
-
-def intervene(
-    traj: Trajectory,
-    stage: str,
-    embeddings: StageEmbeddings,
-    behaviour: Callable[[Mapping[str, Tensor]], Tensor],
-    fraction: float,
-    seed: int,
-    scorer: Scorer,
-) -> list[dict[str, Any]]:
-    """Undo, skip and filter on ``stage``, each a row of metrics and seconds (undo's include
-    computing the embedding; filter's include scoring the stage's examples)."""
-    undone = scorer.row(undo(traj, embeddings, stage))
-    undone["seconds"] += embeddings.seconds
-    rows = [undone, scorer.row(skip(traj, stage))]
-    scores = example_scores(traj, stage, behaviour)
-    drop = most_harmful(scores, fraction)
-    row = scorer.row(filter_and_rerun(traj, stage, drop))
-    row["seconds"] += scores.seconds
-    carriers = identity_insults(traj, stage)
-    random = random_drop(scores.uses, fraction, seed)
-    row["dropped"] = len(drop)
-    row["dropped_carrier_share"] = float(carriers[drop].double().mean())
-    row["random_carrier_share"] = float(carriers[random].double().mean())
-    return [*rows, row]
 
 
 def identity_insults(traj: Trajectory, stage: str) -> Tensor:
@@ -418,9 +378,3 @@ def fidelity_table(fidelity: Mapping[str, Any]) -> list[str]:
         ),
     ]
     return lines
-
-
-def _only(values: Mapping[str, float]) -> float:
-    """The value of a one-output behaviour."""
-    (value,) = values.values()
-    return value
