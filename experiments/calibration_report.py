@@ -8,7 +8,10 @@ the truth the run measured: the per-example Pearson of the estimate (evaluated r
 per-example test loss) and whether the sign of the mean effect is right. It prints, and with
 ``--out`` writes between ``<!-- calibration:start -->`` and ``<!-- calibration:end -->``, one
 table row per label: how many stage estimates got it, how often Pearson >= 0.9, how often the
-sign was right. Exit 2 without runs.
+sign was right. Then, for the aggregate behaviours (group means and gaps) of runs that hold
+the noise ceiling's retrainings: in how many stage effects the recorded retraining and the
+reshuffled ones agree on the sign, how often the estimate's sign is right there, and how often
+the estimate orders the stages as the truth does. Exit 2 without runs.
 """
 
 from __future__ import annotations
@@ -18,12 +21,15 @@ import json
 import math
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from attribution.analysis.audit import audit, load_behaviors
+from attribution.analysis.behaviors import Behavior
 from attribution.analysis.choice import LABELS
+from attribution.record.counterfactual import skip_stage_shuffled
+from attribution.record.evaluation import final_model
 from attribution.record.trajectory import Trajectory
 from experiments.sections import SectionError, provenance, publish
 
@@ -77,6 +83,89 @@ def cases(run: Path) -> list[Case]:
     return out
 
 
+@dataclass(frozen=True)
+class Aggregate:
+    """One group output of one run: per stage, whether the recorded and the reshuffled
+    retrainings agree on the sign of its effect and whether the estimate's sign is right; and
+    whether the estimate ranks the stages as the truth does."""
+
+    run: str
+    output: str
+    agreed: dict[str, bool]
+    sign_right: dict[str, bool]
+    ranking_right: bool
+
+
+def aggregates(run: Path) -> list[Aggregate]:
+    """The group outputs of one run whose noise-ceiling retrainings it holds (seeds listed in
+    ``fidelity.json``); none when it has no ceiling or no group rows."""
+    result = json.loads((run / "fidelity.json").read_text())
+    ceiling = result.get("ceiling") or {}
+    rows = [
+        r
+        for r in result.get("group_rows", [])
+        if r["estimator"] == ESTIMATOR and r["readout"] == "evaluated"
+    ]
+    if not rows or not ceiling.get("seeds"):
+        return []
+    traj = Trajectory.open(run / "trajectory")
+    behaviors = load_behaviors(run / "behaviors.yaml")
+    model = final_model(traj)
+    reshuffled = {
+        stage: [model.at(skip_stage_shuffled(traj, stage, s).state) for s in ceiling["seeds"]]
+        for stage in traj.names
+    }
+    out = []
+    for name in dict.fromkeys(r["behavior"] for r in rows):
+        behavior: Behavior = behaviors[name]
+        final = behavior.values(model)
+        draws = {s: [behavior.values(m) for m in models] for s, models in reshuffled.items()}
+        for output in dict.fromkeys(r["output"] for r in rows if r["behavior"] == name):
+            mine = {r["stage"]: r for r in rows if r["output"] == output}
+            agreed = {
+                stage: all(
+                    math.copysign(1, final[output] - d[output]) == math.copysign(1, row["true"])
+                    for d in draws[stage]
+                )
+                for stage, row in mine.items()
+            }
+            out.append(
+                Aggregate(
+                    str(run),
+                    output,
+                    agreed,
+                    {s: r["sign_right"] for s, r in mine.items()},
+                    all(r["ranking_matches"] for r in mine.values()),
+                )
+            )
+    return out
+
+
+def aggregate_table(found: Sequence[Aggregate], labels: Mapping[tuple[str, str], str]) -> list[str]:
+    """Signs where the truth's retrainings agree, by the stage's label (``labels`` by run and
+    stage; the last stage is ``exact``), and stage rankings, over every group output."""
+    agreed = [(a, s) for a in found for s, ok in a.agreed.items() if ok]
+    lines = [
+        "| label | stage effects whose sign the truth's retrainings agree on | estimate's sign "
+        "right there |",
+        "|---|---|---|",
+    ]
+    for label in (*LABELS, "all"):
+        mine = [(a, s) for a, s in agreed if label in ("all", labels.get((a.run, s), "exact"))]
+        right = sum(a.sign_right[s] for a, s in mine)
+        share = f"{right} ({right / len(mine):.0%})" if mine else "-"
+        lines.append(f"| {label} | {len(mine)} | {share} |")
+    ranked = sum(a.ranking_right for a in found)
+    total = sum(len(a.agreed) for a in found)
+    return [
+        *lines,
+        "",
+        f"{len(found)} aggregate outputs (run x output), {total} stage effects of which the "
+        f"truth's retrainings agree in sign on {len(agreed)}; the estimate orders the stages as "
+        f"the truth does for {ranked} of the {len(found)} outputs ({ranked / len(found):.0%}).",
+    ]
+
+
 def table(found: Sequence[Case]) -> list[str]:
     """One row per label: estimates, share with Pearson >= GOOD, share with the sign right."""
     lines = [
@@ -101,6 +190,7 @@ def table(found: Sequence[Case]) -> list[str]:
 def section(dirs: Sequence[Path], command: str) -> str:
     runs = sorted({p.parent for d in dirs for p in Path(d).rglob("fidelity.json")})
     found = [c for run in runs for c in cases(run)]
+    grouped = [a for run in runs for a in aggregates(run)]
     if not found:
         raise SectionError(
             f"no fidelity run with {ESTIMATOR} rows under {', '.join(map(str, dirs))}. Fix: run "
@@ -128,6 +218,15 @@ def section(dirs: Sequence[Path], command: str) -> str:
             ),
             "",
             *table(found),
+            "",
+            f"Aggregate behaviours ({ESTIMATOR}, evaluated read-out; the truth's retrainings: "
+            "the recorded one and the noise ceiling's reshuffled ones):",
+            "",
+            *(
+                aggregate_table(grouped, {(c.run, c.stage): c.label for c in found})
+                if grouped
+                else ["(no run holds group rows and a ceiling)"]
+            ),
             "",
             "<details><summary>Every stage estimate</summary>",
             "",

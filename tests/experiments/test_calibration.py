@@ -24,7 +24,7 @@ def test_labels_are_set_against_the_truth_the_run_measured(tmp_path, capsys):
         "estimators=[subset]",
         "readouts=[evaluated]",
         "baselines=[]",
-        "ceiling=0",
+        "ceiling=2",
         "plots=false",
         "~settings",
         f"hydra.run.dir={run}",
@@ -50,5 +50,15 @@ def test_labels_are_set_against_the_truth_the_run_measured(tmp_path, capsys):
         line = next(x for x in text.splitlines() if x.startswith(f"| {run} | {stage} |"))
         assert f"| {truth[stage]:.3f} |" in line
         assert line.split(" | ")[2] in ("reliable", "uncertain", "unreliable")
+    # The aggregate outputs (digit_halves[low], [high], halves_gap[low - high]), against the
+    # recorded truth's group rows of the run.
+    total = next(x for x in text.splitlines() if x.startswith("| all | "))
+    agreed = int(total.split(" | ")[1])
+    summary = next(x for x in text.splitlines() if x.startswith("3 aggregate outputs"))
+    assert f"{3 * 3} stage effects of which" in summary and f"agree in sign on {agreed};" in summary
+    group = json.loads((run / "fidelity.json").read_text())["group_rows"]
+    subset = [r for r in group if r["estimator"] == "subset:0.25"]
+    ranked = len({r["output"] for r in subset if r["ranking_matches"]})
+    assert f"for {ranked} of the 3 outputs" in summary
     capsys.readouterr()
     assert main([str(tmp_path / "none")]) == 2
