@@ -51,7 +51,18 @@ def test_every_estimator_readout_and_stage_is_scored(smoke_run):
         "seed": 0,
     }
     rows = result["rows"]
-    assert result["failures"] == {} and result["group_rows"] == []  # per-example behaviours only
+    assert result["failures"] == {}
+    # The aggregate behaviours (digit halves and their gap): every estimator is exact for the
+    # last stage under the evaluated read-out.
+    groups = result["group_rows"]
+    assert {r["output"] for r in groups} == {
+        "digit_halves[low]",
+        "digit_halves[high]",
+        "halves_gap[low - high]",
+    }
+    for r in groups:
+        if r["stage"] == "adapt" and r["readout"] == "evaluated":
+            assert r["estimated"] == pytest.approx(r["true"], abs=1e-6) and r["sign_right"]
     stages = ["pretrain", "finetune", "adapt"]
     # the smoke preset runs E3 at rank 5 on 128 examples: its rows say so
     labels = [
