@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +40,8 @@ from estimators import EVIDENCE, Estimator, StageEmbeddings, build, stored_embed
 from estimators.registry import available_evidence
 
 LABELS = ("exact", "reliable", "uncertain", "unreliable")
+UNKNOWN_START = "unknown start"
+"""The label of a stage of an audit spec whose starting weights nobody kept: no number."""
 RELIABLE_AGREEMENT = 0.87
 UNCERTAIN_AGREEMENT = 0.6
 DEFAULT_BUDGET = 300.0
@@ -72,9 +75,11 @@ class Label:
     agreement: float | None = None
 
 
-def replay_problem(traj: Trajectory) -> str | None:
-    """Why the recording cannot be replayed (so no truth and no replay estimate), or None."""
-    missing = sorted({"batch_order", "stage_data"} - available_evidence(traj))
+def replay_problem(traj: Trajectory, evidence: AbstractSet[str] | None = None) -> str | None:
+    """Why the recording cannot be replayed (so no truth and no replay estimate), or None.
+    ``evidence`` replaces what the trajectory says it holds (an audit spec knows better)."""
+    held = available_evidence(traj) if evidence is None else evidence
+    missing = sorted({"batch_order", "stage_data"} - held)
     if missing:
         return "it lacks " + " and ".join(EVIDENCE[m] for m in missing)
     try:
@@ -98,14 +103,18 @@ def predicted_truth_seconds(traj: Trajectory) -> float:
     return total
 
 
-def plan(traj: Trajectory, budget: float = DEFAULT_BUDGET) -> Plan:
+def plan(
+    traj: Trajectory, budget: float = DEFAULT_BUDGET, evidence: AbstractSet[str] | None = None
+) -> Plan:
     """The most faithful method whose evidence is present and whose predicted cost fits
-    ``budget`` seconds (see the module docstring)."""
+    ``budget`` seconds (see the module docstring). ``evidence`` replaces what the trajectory
+    says it holds (``EVIDENCE`` keys; an audit spec's checkpoints hold less than a recording)."""
     if not budget >= 0:
         raise StagetraceError(f"budget {budget!r} is not >= 0 seconds. Fix: give e.g. --budget 300")
-    problem = replay_problem(traj)
+    held = available_evidence(traj) if evidence is None else evidence
+    problem = replay_problem(traj, held)
     if problem is not None:
-        name = "e1" if build("e1").requires <= available_evidence(traj) else "e0"
+        name = "e1" if build("e1").requires <= held else "e0"
         return Plan(
             name,
             f"no replay is possible: {problem}",
