@@ -746,7 +746,7 @@ def _check_adapter_base(
                 "list the stage that trained the base first",
             )
         out_features, in_features = weight.shape[0], weight.shape[-1]
-        if m.fan_in_fan_out:
+        if m.fan_in_fan_out or m.embedding:  # stored [in, out]: Conv1D, nn.Embedding
             in_features, out_features = weight.shape[0], weight.shape[-1]
         a, b = tuple(m.A.shape), tuple(m.B.shape)
         if a[-1] != in_features or b[0] != out_features:
