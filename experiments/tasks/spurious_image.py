@@ -18,8 +18,9 @@ One run records a pipeline in which one stage carries a spurious marker, then:
    contradicts) against random dropping of the same number.
 
 Every setting is checked before any training (``check_audit``). It writes ``report.json``
-(everything, with the sign convention) and ``report.md`` (the human report, which says what each
-intervention does) in the run directory, prints the report and then the path of ``report.md``.
+(everything, with the sign convention), ``report.md`` (the human report, which says what each
+intervention does) and the audit's ``report.html`` (``docs/report.md``) in the run directory,
+prints the report and then the path of ``report.md``.
 With ``logger=offline`` the effects and the interventions are logged as tables.
 ``experiments.spurious_report`` gathers runs over seeds into ``docs/results.md``.
 """
@@ -44,6 +45,7 @@ from attribution.analysis.behaviors import Behavior
 from attribution.analysis.interventions import (
     Intervention,
 )
+from attribution.analysis.report import examples_of, write_report
 from attribution.record import SIGN_CONVENTION
 from attribution.record.errors import SpecError, StagetraceError
 from attribution.record.evaluation import ModelAt, final_model
@@ -140,6 +142,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     write_result(run_dir, "report.json", json.dumps(report, indent=1) + "\n")
     text = format_report(report)
     path = write_result(run_dir, "report.md", text + "\n")
+    log.info("wrote %s", write_report(run_dir, audited, traj, examples=examples_of(behaviors)))
     log_report(logger, report)
     logger.finish()
     print(text)

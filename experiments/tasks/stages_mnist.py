@@ -2,7 +2,8 @@
 
 The effect of stage k on a metric is ``metric(final model) - metric(model retrained without
 stage k)`` (the project's sign convention): a positive effect on test loss means the stage raised
-the loss. Results go to ``ground_truth.json`` beside the trajectory in the Hydra run directory.
+the loss. Results go to ``ground_truth.json`` beside the trajectory in the Hydra run directory,
+with ``report.html`` (``docs/report.md``): the declared behaviours audited with the truth.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from attribution.analysis.audit import audit
+from attribution.analysis.report import examples_of, write_report
 from attribution.record import SIGN_CONVENTION
 from attribution.record.counterfactual import skip_stage
 from attribution.record.errors import SpecError
@@ -41,12 +44,17 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     traj = task.record()
     result: dict[str, Any] = {"trajectory": str(traj.root)}
     if config["ground_truth"]:
-        result = ground_truth(traj, evaluation, config["evaluation"]["batch_size"], task)
+        batch_size = config["evaluation"]["batch_size"]
+        result = ground_truth(traj, evaluation, batch_size, task)
         path = write_result(run_dir, "ground_truth.json", json.dumps(result, indent=2) + "\n")
         log.info("true effect of each stage on the test set:\n%s", format_table(result))
         logger.table("ground_truth", table_rows(result))
         logger.log({f"effect/{r['stage']}/loss": r["effect"]["loss"] for r in result["stages"]})
         log.info("wrote %s", path)
+        if task.behaviors:  # the retrainings are stored: an exact audit costs evaluations only
+            audited = audit(traj, "truth", task.behaviors, batch_size=batch_size)
+            shown = examples_of(task.behaviors)
+            log.info("wrote %s", write_report(run_dir, audited, traj, examples=shown))
     logger.finish()
     return result
 

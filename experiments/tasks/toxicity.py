@@ -19,8 +19,9 @@ few other comments (``experiments.data.text``), then:
 4. **fidelity**: every estimator of ``fidelity.estimators`` against the retraining
    (``attribution.analysis.validate``), with seconds.
 
-It writes ``tokenizer.json``, ``report.json`` (everything, with the sign convention) and
-``report.md`` in the run directory and prints the report. ``python -m experiments.toxicity_report
+It writes ``tokenizer.json``, ``report.json`` (everything, with the sign convention),
+``report.md`` and the audit's ``report.html`` (``docs/report.md``, with the fidelity's scatter
+plots) in the run directory and prints the report. ``python -m experiments.toxicity_report
 DIR [DIR ...]`` gathers the runs under the directories into one table over seeds.
 """
 
@@ -44,6 +45,7 @@ from attribution.analysis.audit import audit
 from attribution.analysis.interventions import (
     Intervention,
 )
+from attribution.analysis.report import examples_of, write_report
 from attribution.analysis.validate import validate
 from attribution.record import SIGN_CONVENTION
 from attribution.record.errors import SpecError
@@ -173,6 +175,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     write_result(run_dir, "report.json", json.dumps(report, indent=1, allow_nan=True) + "\n")
     text_report = format_report(report)
     write_result(run_dir, "report.md", text_report + "\n")
+    shown = examples_of(behaviors)
+    log.info("wrote %s", write_report(run_dir, audited, traj, validation, examples=shown))
     print(text_report)
     logger.finish()
     return report
