@@ -4,6 +4,10 @@ without each stage (``attribution.record.counterfactual.skip_stage``, stored and
 Not an estimate: with the evaluated read-out it gives the true effects exactly, over the final
 model's parameters and floating-point buffers. It lets the audit answer with the truth through
 the same read-outs, labels and result files as the estimators, when retraining is affordable.
+
+Under torchrun the retrainings are shared out by stage before the embeddings are asked for
+(``counterfactual.skip_stages``, as ``validate`` does), so that here every rank only reads them:
+embeddings are computed under the cache's lock, where no collective may run (docs/scale.md).
 """
 
 from __future__ import annotations

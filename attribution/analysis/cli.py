@@ -9,23 +9,30 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from attribution.analysis.audit import audit, default_behaviors_file, load_behaviors
-from attribution.analysis.choice import DEFAULT_BUDGET
+from attribution.analysis.audit import Audit, audit, default_behaviors_file, load_behaviors
+from attribution.analysis.behaviors import Behavior
+from attribution.analysis.choice import DEFAULT_BUDGET, UNKNOWN_START, Label, plan
+from attribution.analysis.report import check_report, examples_of, write_report
 from attribution.analysis.validate import Ceiling, Validation, validate
-from attribution.record import SIGN_CONVENTION
+from attribution.record import SIGN_CONVENTION, distributed
 from attribution.record.artifacts import check_writable
-from attribution.record.counterfactual import skip_stage
+from attribution.record.checkpoint_spec import Built, check_estimator, is_spec_file, load_spec
+from attribution.record.checkpoint_spec import build as build_checkpoints
+from attribution.record.counterfactual import folder_of, skip_stages
 from attribution.record.errors import StagetraceError
 from attribution.record.pipeline import max_abs_diff, replay
 from attribution.record.references import trust
 from attribution.record.store import DiskStore
 from attribution.record.trajectory import Trajectory
-from estimators import build_all
+from estimators import EVIDENCE, build_all
+from estimators import build as build_estimator
 
 EPILOG = """\
 exit status: 0 success, 1 a verification found a difference (replay --verify), 2 bad input
@@ -33,7 +40,11 @@ exit status: 0 success, 1 a verification found a difference (replay --verify), 2
 
 RUN is a trajectory directory, or a Hydra run directory holding one in trajectory/. A run may
 come from someone else: the code it names (model, data, losses) runs only from the project's
-own packages and the modules you trust (--trust-module, or STAGETRACE_TRUST=mod1,mod2)."""
+own packages and the modules you trust (--trust-module, or STAGETRACE_TRUST=mod1,mod2).
+
+validate and counterfactual also run under torchrun (torchrun --nproc-per-node N -m
+attribution.analysis.cli validate RUN ...): the ranks share the retrainings and read-outs and
+rank 0 writes and prints the result one process would (docs/scale.md)."""
 
 RUN_HELP = "trajectory directory (or a Hydra run directory holding one in trajectory/)"
 
@@ -72,7 +83,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     cf = commands.add_parser("counterfactual", help="retrain the run with one stage skipped")
     cf.add_argument("run", metavar="RUN", help=RUN_HELP)
-    cf.add_argument("--skip", required=True, metavar="STAGE", help="name of the stage to skip")
+    cf.add_argument(
+        "--skip",
+        required=True,
+        action="append",
+        metavar="STAGE",
+        help="name of the stage to skip (repeatable: one retraining per stage, shared out "
+        "among the ranks under torchrun)",
+    )
     _cache_options(cf)
 
     for name, helptext in (
@@ -80,7 +98,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("validate", "compare estimators with skip-stage retraining"),
     ):
         sub = commands.add_parser(name, help=helptext)
-        sub.add_argument("run", metavar="RUN", help=RUN_HELP)
+        spec_help = "; or an audit spec SPEC.yaml of checkpoints (docs/audit.md)"
+        sub.add_argument(
+            "run", metavar="RUN", help=RUN_HELP + (spec_help if name == "audit" else "")
+        )
         if name == "audit":
             sub.add_argument(
                 "--estimator",
@@ -136,7 +157,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _cache_options(sub)
 
     args = parser.parse_args(argv)
+    shared = False  # whether this process joined a torchrun process group here
     try:
+        if args.command in ("counterfactual", "validate"):
+            shared = distributed.init_from_env()
         trust(*args.trust_module)
         return {
             "inspect": _inspect,
@@ -148,8 +172,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StagetraceError as exc:
         if args.debug:
             raise
-        print(f"stagetrace: error: {exc}", file=sys.stderr)
+        if distributed.is_main():  # under torchrun every rank has the same error: say it once
+            print(f"stagetrace: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if shared:
+            distributed.destroy()
 
 
 def _cache_options(parser: argparse.ArgumentParser) -> None:
@@ -202,17 +230,20 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def _counterfactual(args: argparse.Namespace) -> int:
-    traj = _open(args)
-    result = skip_stage(traj, args.skip)
-    folder = traj.cache.where(f"counterfactuals/skip-{result.skipped}")
-    moved = max_abs_diff(result.state, traj.checkpoint(len(traj.stages) - 1, "end"))
-    done = (
-        f"reused (computed earlier in {result.seconds:.2f} s)"
-        if result.reused
-        else f"computed in {result.seconds:.2f} s"
-    )
-    print(f"skip {result.skipped}: {done} -> {folder}")
-    print(f"max |theta_T^(-k) - theta_T| = {moved:.4g}")
+    traj = distributed.agreed(partial(_open, args))
+    results = skip_stages(traj, args.skip)  # under torchrun: shared out by stage
+    if not distributed.is_main():
+        return 0
+    final = traj.checkpoint(len(traj.stages) - 1, "end")
+    for name, result in results.items():
+        folder = traj.cache.where(folder_of(traj, traj.index(name)))
+        done = (
+            f"reused (computed earlier in {result.seconds:.2f} s)"
+            if result.reused
+            else f"computed in {result.seconds:.2f} s"
+        )
+        print(f"skip {name}: {done} -> {folder}")
+        print(f"max |theta_T^(-k) - theta_T| = {max_abs_diff(result.state, final):.4g}")
     print(f"sign convention: {SIGN_CONVENTION}")
     return 0
 
@@ -260,8 +291,10 @@ def _settings(pairs: list[str]) -> dict[str, dict[str, Any]]:
 
 
 def _audit(args: argparse.Namespace) -> int:
+    if is_spec_file(args.run):
+        return _audit_spec(args)
     out = _output(args)
-    traj = _open(args, out)
+    traj = _open(args, out, check_report(out.parent))  # the report goes beside the result
     behaviors = _behaviors(args)
     if args.estimator == "auto":
         estimator: Any = "auto"
@@ -272,36 +305,133 @@ def _audit(args: argparse.Namespace) -> int:
     result = audit(traj, estimator, behaviors, args.readout, args.batch_size, budget=args.budget)
     if result.plan is not None:
         print(f"method: {result.plan.estimator}. Why: {result.plan.reason}.")
+    _print_effects(result, args.readout)
+    if result.plan is not None:
+        print(f"a better answer: {result.plan.better}")
+    print(f"sign convention: {SIGN_CONVENTION}")
+    written = _write(out, result.to_json())
+    print(f"report: {write_report(out.parent, result, traj, examples=examples_of(behaviors))}")
+    print(f"-> {written}")
+    return 0
+
+
+def _print_effects(result: Audit, readout: str) -> None:
+    """The stage x behaviour table of mean effects with each stage's label, then the labels'
+    evidence; "no number" where a stage cannot be estimated."""
     names = list(result.behaviors)
     print(
-        f"{result.estimator.label}, {args.readout} read-out: mean effect per stage "
+        f"{result.estimator.label}, {readout} read-out: mean effect per stage "
         "(> 0: the stage raised it)"
     )
     print(f"{'stage':<14}" + "".join(f"{b[:18]:>20}" for b in names) + "  trust")
     for stage in result.stages:
-        row = "".join(f"{result.behaviors[b].mean_effect[stage]:>+20.5f}" for b in names)
+        means = [result.behaviors[b].mean_effect[stage] for b in names]
+        row = "".join(f"{'no number':>20}" if m is None else f"{m:>+20.5f}" for m in means)
         print(f"{stage:<14}{row}  {result.labels[stage].label}")
     for stage, label in result.labels.items():
         print(f"  {stage}: {label.label}: {label.evidence}")
-    if result.plan is not None:
-        print(f"a better answer: {result.plan.better}")
+
+
+def _audit_spec(args: argparse.Namespace) -> int:
+    """``stagetrace audit SPEC.yaml``: checkpoints as people have them (docs/audit.md), read into
+    an in-memory trajectory; the method is chosen from the evidence the spec gives per stage."""
+    out = _output(args)
+    spec = load_spec(args.run)
+    built = build_checkpoints(spec)
+    traj = built.trajectory
+    check_writable(traj, out, check_report(out.parent))
+    if args.behaviors:
+        behaviors = load_behaviors(args.behaviors)
+    elif isinstance(spec.behaviors, Path):
+        behaviors = load_behaviors(spec.behaviors)
+    elif spec.behaviors:
+        where = f"{spec.path.name}: behaviors"
+        behaviors = {
+            str(n): Behavior.from_dict(str(n), b, f"{where}.{n}") for n, b in spec.behaviors.items()
+        }
+    else:
+        raise StagetraceError(
+            f"{spec.path} names no behaviours. Fix: add behaviors: (as in behaviors.yaml) to the "
+            "spec, or pass --behaviors FILE"
+        )
+    settings = _settings(args.setting)
+    chosen = None
+    if args.estimator == "auto":
+        if args.setting:
+            build_all([], settings)  # refuses settings of estimators not run
+        chosen = plan(traj, args.budget, built.held)
+        estimator = build_estimator(chosen.estimator)
+    else:
+        estimator = build_all([args.estimator], settings)[args.estimator]
+    check_estimator(built, estimator.requires, estimator.label, EVIDENCE)
+    result = audit(traj, estimator, behaviors, args.readout, args.batch_size)
+    result = _unknown_starts(replace(result, trajectory=str(spec.path), plan=chosen), built)
+    print(f"audit spec {spec.path}: {len(spec.stages)} stages read into memory")
+    if chosen is not None:
+        print(f"method: {chosen.estimator}. Why: {chosen.reason}.")
+    else:
+        print(f"method: {result.estimator.label} (--estimator)")
+    _print_effects(result, args.readout)
+    if chosen is not None:
+        print(f"a better answer: {chosen.better}")
+    print("evidence per stage:")
+    for stage, ev in built.evidence.items():
+        print(f"  {stage}:")
+        for line in ev.lines():
+            print(f"    {line}")
+        for need in ev.missing:
+            print(f"    missing for a better answer: {need}")
     print(f"sign convention: {SIGN_CONVENTION}")
-    print(f"-> {_write(out, result.to_json())}")
+    written = _write(out, {**result.to_json(), **built.to_json()})
+    report = write_report(
+        out.parent, {**result.to_json(), **built.to_json()}, traj, examples=examples_of(behaviors)
+    )
+    print(f"report: {report}")
+    print(f"-> {written}")
     return 0
 
 
+def _unknown_starts(result: Audit, built: Built) -> Audit:
+    """The audit with no number for the stages whose start nobody kept (skipping them cannot
+    be estimated: their displacement is unknown), labelled ``unknown start``."""
+    if not built.unknown_start:
+        return result
+    gone = set(built.unknown_start)
+    behaviors = {
+        name: replace(
+            b,
+            effects={s: None if s in gone else v for s, v in b.effects.items()},
+            mean_effect={s: None if s in gone else v for s, v in b.mean_effect.items()},
+        )
+        for name, b in result.behaviors.items()
+    }
+    why = (
+        "nobody kept the weights this stage started from, so skipping it cannot be estimated; "
+        "give start: (the initial weights) or stand_in: init | PATH in the spec"
+    )
+    labels = {s: Label(UNKNOWN_START, why) if s in gone else v for s, v in result.labels.items()}
+    return replace(result, behaviors=behaviors, labels=labels)
+
+
 def _validate(args: argparse.Namespace) -> int:
-    out = _output(args)
-    traj = _open(args, out)
+    def prepared() -> tuple[Path, Trajectory, dict, dict[str, dict[str, Any]]]:
+        out = _output(args)
+        return out, _open(args, out), _behaviors(args), _settings(args.setting)
+
+    out, traj, behaviors, settings = distributed.agreed(prepared)  # every rank, before work
     result = validate(
         traj,
         args.estimators.split(","),
         args.readouts.split(","),
-        _behaviors(args),
+        behaviors,
         args.batch_size,
-        _settings(args.setting),
+        settings,
         ceiling=args.ceiling,
     )
+    # written once, by rank 0; every rank learns whether that failed
+    distributed.agreed(lambda: _write(out, result.to_json()) if distributed.is_main() else None)
+    if not distributed.is_main():
+        return 0
     print(fidelity_table(result))
     if result.ceiling is not None:
         print()
@@ -309,7 +439,7 @@ def _validate(args: argparse.Namespace) -> int:
     if result.group_rows:
         print()
         print(group_table(result))
-    print(f"-> {_write(out, result.to_json())}")
+    print(f"-> {out}")
     return 0
 
 

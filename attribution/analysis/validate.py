@@ -19,6 +19,11 @@ scores, so an estimator's ``pearson_of_ceiling`` near 1 means it is as faithful 
 well defined; ``pearson_expected`` scores the estimator against the mean of the R retrainings
 (the expected counterfactual over batch orders).
 
+Under torchrun (``attribution.record.distributed``) the retrainings are shared out among the
+ranks by stage, and every evaluation and read-out by contiguous batches of the behaviour's
+examples, gathered in order: every rank gets the result one process would (docs/scale.md).
+Estimators are computed whole (replicated, or once under the cache's lock).
+
 Sign convention: effect_k(f) = f(theta_T) - f(theta_T^(-k)).
 """
 
@@ -27,9 +32,10 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -39,8 +45,8 @@ from attribution.analysis import metrics
 from attribution.analysis.audit import READOUTS, check_readouts
 from attribution.analysis.behaviors import Behavior
 from attribution.analysis.readout import behaviour_effects
-from attribution.record import SIGN_CONVENTION
-from attribution.record.counterfactual import skip_stage, skip_stage_shuffled
+from attribution.record import SIGN_CONVENTION, distributed
+from attribution.record.counterfactual import skip_stages, skip_stages_shuffled
 from attribution.record.errors import SpecError
 from attribution.record.evaluation import ModelAt, final_model
 from attribution.record.trajectory import Trajectory
@@ -48,6 +54,7 @@ from estimators import build_all, check_evidence, stored_embeddings
 
 Effects = dict[str, Tensor]
 """Stage -> [N] float64 per-example effects."""
+K = TypeVar("K")
 
 
 @dataclass(frozen=True)
@@ -169,10 +176,11 @@ def true_effects(
 ) -> Truth:
     """f(theta_T) - f(theta_T^(-k)) per example, stage and behaviour: retraining without each
     stage (stored and reused), then one evaluation of the final and each counterfactual model.
-    Behaviours over the same data and quantity share one computation."""
-    data = {name: b.load() for name, b in behaviors.items()}  # checked before retraining
+    Behaviours over the same data and quantity share one computation. Under torchrun the
+    retrainings are shared out by stage and the evaluations by batches of examples."""
+    data = distributed.agreed(partial(_loaded, behaviors, batch_size))  # before retraining
+    skipped = skip_stages(traj)
     model = final_model(traj)
-    skipped = {s: skip_stage(traj, s) for s in traj.names}
     counterfactual = {s: model.at(cf.state) for s, cf in skipped.items()}
     computed: dict[str, Effects] = {}
     effects = {}
@@ -180,11 +188,10 @@ def true_effects(
         key = _same_values(behavior)
         if key not in computed:
             inputs, targets, _ = data[name]
-            final = model.values(inputs, targets, behavior.quantity, batch_size)
-            computed[key] = {
-                s: final - cf.values(inputs, targets, behavior.quantity, batch_size)
-                for s, cf in counterfactual.items()
-            }
+            differences = partial(
+                _differences, model, counterfactual, behavior.quantity, batch_size
+            )
+            computed[key] = _by_rows(differences, inputs, targets, batch_size)
         effects[name] = computed[key]
     return Truth(effects, sum(cf.seconds for cf in skipped.values()))
 
@@ -202,25 +209,20 @@ def noise_ceiling(
     _check_repeats(repeats)
     seeds = tuple(range(repeats))
     chosen = {n: b for n, b in behaviors.items() if b.aggregate == "per_example"}
-    data = {name: b.load() for name, b in chosen.items()}
+    data = distributed.agreed(partial(_loaded, chosen, batch_size))  # before retraining
+    shuffled = skip_stages_shuffled(traj, seeds)
+    seconds = sum(cf.seconds for cf in shuffled.values())
     model = final_model(traj)
-    seconds = 0.0
+    others = {job: model.at(cf.state) for job, cf in shuffled.items()}
     draws: dict[str, dict[str, list[Tensor]]] = {}  # values key -> stage -> effects per seed
     rows, expected = [], {}
     for name, behavior in chosen.items():
         key = _same_values(behavior)
         if key not in draws:
             inputs, targets, _ = data[name]
-            final = model.values(inputs, targets, behavior.quantity, batch_size)
-            draws[key] = {}
-            for stage in traj.names:
-                draws[key][stage] = []
-                for seed in seeds:
-                    shuffled = skip_stage_shuffled(traj, stage, seed)
-                    seconds += shuffled.seconds
-                    other = model.at(shuffled.state)
-                    values = other.values(inputs, targets, behavior.quantity, batch_size)
-                    draws[key][stage].append(final - values)
+            differences = partial(_differences, model, others, behavior.quantity, batch_size)
+            effects = _by_rows(differences, inputs, targets, batch_size)
+            draws[key] = {s: [effects[(s, seed)] for seed in seeds] for s in traj.names}
         expected[name] = {s: torch.stack(d).mean(0) for s, d in draws[key].items()}
         for stage, effects in draws[key].items():
             recorded = truth.effects[name][stage].numpy()
@@ -271,26 +273,33 @@ def validate(
     is reused if given, e.g. by a caller validating one estimator at a time. ``ceiling = R``
     (at least 2; 0, the default, turns it off) measures the noise ceiling over R reshuffled
     later batch orders (``noise_ceiling``); ``noise`` reuses one measured over the same
-    behaviours. Estimators, settings, evidence and behaviours are checked before anything is
-    computed.
+    behaviours. Estimators, settings, evidence, behaviours and the batch size are checked
+    before anything is computed (under torchrun, on every rank, which then agree).
     """
-    if not behaviors:
-        raise SpecError("behaviors", "no behaviour to validate", "declare at least one behaviour")
-    built = build_all(estimators, settings)
-    check_evidence(built.values(), traj)
-    check_readouts(list(readouts))
-    data = {name: b.load() for name, b in behaviors.items()}
-    if ceiling and noise is None:
-        _check_repeats(ceiling)
+
+    def checked() -> tuple[dict[str, Any], dict[str, tuple[Tensor, Tensor, Tensor]]]:
+        if not behaviors:
+            raise SpecError(
+                "behaviors", "no behaviour to validate", "declare at least one behaviour"
+            )
+        built = build_all(estimators, settings)
+        check_evidence(built.values(), traj)
+        check_readouts(list(readouts))
+        data = _loaded(behaviors, batch_size)
+        if ceiling and noise is None:
+            _check_repeats(ceiling)
+        missing = sorted(set(behaviors) - set(truth.effects)) if truth is not None else []
+        if missing:
+            raise SpecError(
+                "truth",
+                f"the given truth lacks the behaviours {missing}",
+                "compute it with true_effects over the same behaviours",
+            )
+        return built, data
+
+    built, data = distributed.agreed(checked)
     if truth is None:
         truth = true_effects(traj, behaviors, batch_size)
-    missing = sorted(set(behaviors) - set(truth.effects))
-    if missing:
-        raise SpecError(
-            "truth",
-            f"the given truth lacks the behaviours {missing}",
-            "compute it with true_effects over the same behaviours",
-        )
     if noise is None and ceiling:
         noise = noise_ceiling(traj, behaviors, truth, ceiling, batch_size)
     model = final_model(traj)
@@ -302,7 +311,8 @@ def validate(
     }
     for estimator in built.values():
         label = estimator.label
-        embeddings, _ = stored_embeddings(estimator, traj)
+        # replicated: per rank in memory, once (under the cache's lock) on disk
+        embeddings, _ = distributed.agreed(partial(stored_embeddings, estimator, traj))
         for readout in readouts:
             estimated = _estimates(model, embeddings.offsets, readout, behaviors, data, batch_size)
             for behavior, (effects, seconds) in estimated.items():
@@ -442,12 +452,72 @@ def _estimates(
         if key not in computed:
             inputs, targets, _ = data[name]
             began = time.perf_counter()
-            effects = READOUTS[readout](
-                model, offsets, inputs, targets, behavior.quantity, batch_size
-            )
+            read = partial(_readout, readout, model, offsets, behavior.quantity, batch_size)
+            effects = _by_rows(read, inputs, targets, batch_size)
             computed[key] = (effects, time.perf_counter() - began)
         out[name] = computed[key]
     return out
+
+
+def _readout(
+    readout: str,
+    model: ModelAt,
+    offsets: Mapping[str, Mapping[str, Tensor]],
+    quantity: str,
+    batch_size: int,
+    inputs: Tensor,
+    targets: Tensor,
+) -> Effects:
+    return READOUTS[readout](model, offsets, inputs, targets, quantity, batch_size)
+
+
+def _differences(
+    model: ModelAt,
+    others: Mapping[K, ModelAt],
+    quantity: str,
+    batch_size: int,
+    inputs: Tensor,
+    targets: Tensor,
+) -> dict[K, Tensor]:
+    """f(theta_T) - f(other) per example, for each of ``others`` (counterfactual models)."""
+    final = model.values(inputs, targets, quantity, batch_size)
+    return {
+        key: final - other.values(inputs, targets, quantity, batch_size)
+        for key, other in others.items()
+    }
+
+
+def _by_rows(
+    compute: Callable[[Tensor, Tensor], dict[K, Tensor]],
+    inputs: Tensor,
+    targets: Tensor,
+    batch_size: int,
+) -> dict[K, Tensor]:
+    """``compute(inputs, targets)``: per-example values, [N] per key. Under torchrun each rank
+    computes its contiguous whole batches (``distributed.rows``) and every rank gets all N in
+    order: the numbers one process computes, as every example runs in the same batch."""
+    n = len(targets)
+    if distributed.world().size == 1 or n == 0:
+        return compute(inputs, targets)
+    mine = distributed.rows(n, batch_size)
+    part = distributed.agreed(
+        lambda: compute(inputs[mine], targets[mine]) if mine.start < mine.stop else None
+    )
+    parts = [p for p in distributed.all_gather(part) if p is not None]
+    return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+
+
+def _loaded(
+    behaviors: Mapping[str, Behavior], batch_size: int
+) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+    """Every behaviour's data (inputs, targets, group keys), after checking ``batch_size``."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise SpecError(
+            "batch_size",
+            f"{batch_size!r} is not a positive integer",
+            "give the number of examples per forward pass, e.g. 512",
+        )
+    return {name: b.load() for name, b in behaviors.items()}
 
 
 def _same_values(behavior: Behavior) -> str:

@@ -13,6 +13,9 @@ processes asking for the same one compute it once (the second waits, then reuses
 are reshuffled across its steps (seeded): another draw of the later batch order, for the noise
 ceiling of ``attribution.analysis.validate`` (how much the per-example effect of skipping a
 stage depends on the exact later batches). Stored in ``counterfactuals/skip-<stage>-order-<seed>/``.
+
+``skip_stages`` and ``skip_stages_shuffled`` run several of them; under torchrun they are shared
+out among the ranks (``attribution.record.distributed``, docs/scale.md).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from attribution.record import distributed
 from attribution.record.artifacts import artifact_lock, load_artifact, save_artifact
 from attribution.record.errors import StagetraceError, TrajectoryError
 from attribution.record.optim import OptimizerState
@@ -34,6 +38,7 @@ from attribution.record.pipeline import (
     continue_stage,
     recorded_threads,
 )
+from attribution.record.store import DiskStore
 from attribution.record.trajectory import StageRecord, StepLog, Trajectory, load_state, snapshot
 
 SCHEMA = "stagetrace.counterfactual"
@@ -58,7 +63,7 @@ def skip_stage(
     trajectory's cache. While computing it holds the result's lock, so that another process
     asking for the same result waits and then reuses it instead of computing it again."""
     k = check_skippable(traj, stage)
-    return _stored_or_computed(traj, k, f"counterfactuals/skip-{traj.stages[k].name}", on_step)
+    return _stored_or_computed(traj, k, folder_of(traj, k), on_step)
 
 
 def skip_stage_shuffled(
@@ -70,12 +75,98 @@ def skip_stage_shuffled(
     give two draws of the later batch order; the last stage has no later stage, so there it
     equals ``skip_stage``."""
     k = check_skippable(traj, stage)
-    folder = f"counterfactuals/skip-{traj.stages[k].name}-order-{seed}"
+    folder = folder_of(traj, k, seed)
     later = [
         (traj.stages[j], shuffled_order(traj.steps(j), seed, j))
         for j in range(k + 1, len(traj.stages))
     ]
     return _stored_or_computed(traj, k, folder, on_step, later, {"order_seed": seed})
+
+
+def skip_stages(
+    traj: Trajectory, stages: Sequence[str | int] | None = None
+) -> dict[str, Counterfactual]:
+    """``skip_stage`` for each of ``stages`` (default: every stage), by stage name. Under a
+    process group (torchrun, ``attribution.record.distributed``) the retrainings are shared out
+    round-robin among the ranks, each computed once by its rank, and every rank gets every
+    result: read back from a cache on disk, or broadcast and kept in its memory cache (so a
+    later ``skip_stage`` of any rank reuses it). One process runs them one after another."""
+    done = _shared(traj, [(k, None) for k in _indices(traj, stages)])
+    return {traj.stages[k].name: cf for (k, _), cf in done.items()}
+
+
+def skip_stages_shuffled(
+    traj: Trajectory, seeds: Sequence[int], stages: Sequence[str | int] | None = None
+) -> dict[tuple[str, int], Counterfactual]:
+    """``skip_stage_shuffled`` for each of ``stages`` (default: every stage) and ``seeds``, by
+    (stage name, seed), shared out among the ranks as ``skip_stages`` does."""
+    indices = _indices(traj, stages)
+    done = _shared(traj, [(k, seed) for k in indices for seed in seeds])
+    return {(traj.stages[k].name, seed): done[(k, seed)] for k in indices for seed in seeds}
+
+
+def _indices(traj: Trajectory, stages: Sequence[str | int] | None) -> list[int]:
+    """The indices of ``stages`` (default: all), each once, in the order given; under torchrun
+    the ranks agree on them before anything else."""
+    if stages is None:
+        return list(range(len(traj.stages)))
+    return distributed.agreed(lambda: list(dict.fromkeys(traj.index(s) for s in stages)))
+
+
+def folder_of(traj: Trajectory, k: int, order_seed: int | None = None) -> str:
+    """The cache folder of the retraining without stage k (under later batch order
+    ``order_seed``; None: as recorded)."""
+    name = traj.stages[k].name
+    return f"counterfactuals/skip-{name}" + ("" if order_seed is None else f"-order-{order_seed}")
+
+
+Job = tuple[int, int | None]
+"""A retraining: the stage skipped and the later batch order's seed (None: as recorded)."""
+
+
+def _shared(traj: Trajectory, jobs: list[Job]) -> dict[Job, Counterfactual]:
+    """Every job's counterfactual on every rank, each computed (or found stored) by its owner,
+    rank ``i % size`` of job i. Every job is checked on every rank before anything is computed;
+    ranks agree on success before each collective (``distributed.agreed``)."""
+
+    def one(job: Job) -> Counterfactual:
+        k, seed = job
+        return skip_stage(traj, k) if seed is None else skip_stage_shuffled(traj, k, seed)
+
+    at = distributed.world()
+    if at.size == 1:
+        return {job: one(job) for job in jobs}
+
+    def mine() -> dict[Job, Counterfactual]:
+        for k, _ in jobs:
+            check_skippable(traj, k)
+            for j in range(k + 1, len(traj.stages)):
+                traj.check_replayable(j)
+        return {job: one(job) for job in distributed.shard(jobs)}
+
+    computed = distributed.agreed(mine)
+    owners = {job: i % at.size for i, job in enumerate(jobs)}
+    costs: dict[Job, tuple[float, bool]] = {}  # the owner's seconds and whether it reused
+    for part in distributed.all_gather({j: (c.seconds, c.reused) for j, c in computed.items()}):
+        costs.update(part)
+    if isinstance(traj.cache, DiskStore):  # stored by the owners: read back (all_gather synced)
+        states = distributed.agreed(
+            lambda: {j: computed[j].state if j in computed else one(j).state for j in jobs}
+        )
+    else:  # in memory: the owner broadcasts it, the others keep it in their memory cache
+        states = {}
+        for job in jobs:
+            states[job] = distributed.broadcast_state(
+                computed[job].state if job in computed else None, owners[job]
+            )
+            if job not in computed:
+                k, seed = job
+                extra = {} if seed is None else {"order_seed": seed}
+                meta = _meta(traj, k, costs[job][0], extra)
+                save_artifact(
+                    traj, folder_of(traj, k, seed), FINAL, SCHEMA, SCHEMA_VERSION, states[job], meta
+                )
+    return {job: Counterfactual(traj.stages[job[0]].name, states[job], *costs[job]) for job in jobs}
 
 
 def shuffled_order(steps: StepLog, seed: int, j: int) -> StepLog:
@@ -123,16 +214,22 @@ def _compute(
     skipped_state = traj.optimizer_state(k - 1, "end") if k else {}
     state = retrain_after(traj, k, traj.checkpoint(k, "start"), skipped_state, on_step, later)
     seconds = time.perf_counter() - began
+    save_artifact(
+        traj, folder, FINAL, SCHEMA, SCHEMA_VERSION, state, _meta(traj, k, seconds, extra)
+    )
+    return Counterfactual(name, state, seconds, reused=False)
+
+
+def _meta(traj: Trajectory, k: int, seconds: float, extra: dict[str, Any]) -> dict[str, Any]:
+    """What ``meta.json`` says of the retraining after skipping k (besides the schema)."""
     retrained = traj.stages[k + 1 :]
-    meta = {
-        "skipped_stage": name,
+    return {
+        "skipped_stage": traj.stages[k].name,
         "retrained_stages": [r.name for r in retrained],
         "retrained_steps": sum(r.num_steps for r in retrained),
         "seconds": seconds,
         **extra,
     }
-    save_artifact(traj, folder, FINAL, SCHEMA, SCHEMA_VERSION, state, meta)
-    return Counterfactual(name, state, seconds, reused=False)
 
 
 def retrain_after(
