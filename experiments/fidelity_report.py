@@ -83,10 +83,11 @@ def table(header: Sequence[str], lines: Iterable[Sequence[str]]) -> list[str]:
 
 
 def metric_table(rows: Sequence[Row]) -> list[str]:
-    """Mean metrics per estimator, read-out and stage, with the number of runs averaged; "of
-    ceiling": Pearson over the noise ceiling's (runs that measured it)."""
+    """Mean metrics per estimator, read-out and stage (baselines and peers included), with the
+    number of runs averaged; "of ceiling": Pearson over the noise ceiling's (runs that measured
+    it)."""
     header = ["estimator", "read-out", "stage", "Pearson", "Spearman", "sign", "mean-effect error"]
-    header += ["top stage", "× truth seconds", "of ceiling", "runs"]
+    header += ["top stage", "seconds", "× truth seconds", "of ceiling", "runs"]
     lines = []
     for (estimator, readout, stage), group in grouped(
         rows, ["estimator", "readout", "stage"]
@@ -101,6 +102,7 @@ def metric_table(rows: Sequence[Row]) -> list[str]:
                 fmt(mean(r["sign_agreement"] for r in group)),
                 fmt(mean(r["mean_effect_error"] for r in group), "{:+.4f}"),
                 fmt(mean(r["top_stage_agreement"] for r in group)),
+                fmt(mean(r["seconds"] for r in group), "{:.3g}"),
                 fmt(mean(r["cost_ratio"] for r in group), "{:.3g}"),
                 fmt(mean(r.get("pearson_of_ceiling", math.nan) for r in group)),
                 str(len({r["run"] for r in group})),
@@ -311,17 +313,17 @@ def render(
         "",
         *metric_table(select(rows, behavior="test_margin")),
         "",
-        "### Pearson by later-stage optimizer (evaluated read-out; TracIn linear)",
+        "### Pearson by later-stage optimizer (evaluated read-out; TracIn and the peers their own)",
         "",
         *per_knob_table(
             select(loss_rows, lr_scale=1.0, model="MLP", stages=3), "later", "evaluated"
         ),
         "",
-        "### Pearson by model and stage count (evaluated read-out; TracIn linear)",
+        "### Pearson by model and stage count (evaluated read-out; TracIn and the peers their own)",
         "",
         *per_knob_table(architectures(loss_rows), "architecture", "evaluated"),
         "",
-        "### Regime map (evaluated read-out; TracIn linear)",
+        "### Regime map (evaluated read-out; TracIn and the peers their own)",
         "",
         *regime_table(select(loss_rows, model="MLP", stages=3, later="sgd_momentum"), "evaluated"),
         "",
@@ -387,8 +389,9 @@ def _estimators(rows: Sequence[Row]) -> list[str]:
 
 
 def _readout_of(estimator: str, readout: str) -> str:
-    """Baselines have one read-out of their own."""
-    return {"tracin": "linear", "random": "-"}.get(estimator, readout)
+    """Baselines and peers have one read-out of their own."""
+    own = {"tracin": "linear", "random": "-", "gradsim": "linear", "ekfac": "influence"}
+    return own.get(estimator, readout)
 
 
 def _stage_order(stage: str) -> int:

@@ -12,6 +12,11 @@ reshuffled orders of the later stages' batches (``attribution.analysis.validate.
 the noise ceiling, written under ``ceiling`` in ``fidelity.json`` and beside every row
 (``ceiling_pearson``, ``pearson_of_ceiling``, ``pearson_expected``).
 
+``peers`` (``[gradsim, ekfac]`` in the study's config) adds the rows of what a user would try
+instead (``experiments.peers``, ``docs/baselines.md``): final-checkpoint TracIn and Kronfluence's
+EK-FAC influence summed over each stage's examples. ekfac needs the optional extra ``peers``; a
+run that asks for it without Kronfluence is refused before any work.
+
 Effects follow the project's sign convention: effect_k(f) = f(theta_T) - f(theta_T^(-k)).
 """
 
@@ -46,6 +51,7 @@ from attribution.record.trajectory import Trajectory
 from estimators import build_all
 from estimators.base import final_parameter_names, stage_displacement
 from estimators.tracin import tracin_effects
+from experiments.peers import check_peers, peer_rows
 from experiments.tasks.setup import Task, write_result
 
 log = logging.getLogger(__name__)
@@ -72,6 +78,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     estimators = build_all(
         list(cfg.estimators), OmegaConf.to_container(settings, resolve=True) if settings else {}
     )
+    peers = list(cfg.get("peers") or [])
+    peer_settings = cfg.get("peer_settings")
+    peer_settings = OmegaConf.to_container(peer_settings, resolve=True) if peer_settings else {}
+    check_peers(peers, peer_settings)  # e.g. ekfac without Kronfluence: refused before any work
     task = Task.prepare(cfg, run_dir)
     config, behaviors, logger = task.config, task.behaviors, task.logger
     traj = run_pipeline(task.spec, run_dir / "trajectory", task.progress())
@@ -111,6 +121,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     rows += baseline_rows(
         traj, behaviors, effects, config["baselines"], truth.seconds, batch_size, noise
     )
+    found, failed = peer_rows(
+        traj, behaviors, effects, peers, truth.seconds, batch_size, noise, peer_settings
+    )
+    rows += found
+    failures |= failed
     regime = regime_quantities(traj)
     table_rows = [{**asdict(row), **regime[row.stage]} for row in rows]
     out = {
