@@ -927,7 +927,10 @@ def _evidence(
     elif not has_data:
         problem = "the pipeline block names no data (batch order and data unknown)"
         missing.append(
-            "data, batch_size and seed in the pipeline block (the batch order: "
+            "the batch order the Trainer drew: record it with StagetraceCallback "
+            "(docs/audit.md, section 8) for replay and the truth"
+            if run is not None
+            else "data, batch_size and seed in the pipeline block (the batch order: "
             "replay and the truth)"
         )
     elif adapter is not None and not keep_adapter:
@@ -950,7 +953,14 @@ def _evidence(
         lr_logged=logged,
         lr_check=None if lr_check is None else lr_check.to_json(),
         optimizer_state=state_text,
-        batch_order="declared (the pipeline's own batch sampler)"
+        batch_order=(
+            "declared (the pipeline's own batch sampler"
+            + (
+                "; a Trainer draws its own: right only if this run used that sampler)"
+                if run is not None
+                else ")"
+            )
+        )
         if has_data and problem is None
         else "unknown",
         replay=problem is None,
