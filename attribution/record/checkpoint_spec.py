@@ -70,8 +70,8 @@ OPTIMIZER_EVIDENCE = ("learning_rates", "optimizer_hyperparameters")
 
 
 def transformers_model(config: Mapping[str, Any]) -> nn.Module:
-    """A transformers model built from a ``config.json`` mapping (``model: transformers``):
-    the class its ``architectures`` names when transformers has it, else ``AutoModel``."""
+    """A transformers model built from a ``config.json`` mapping (``model: transformers``): the
+    class its ``architectures`` names, returning its logits (``_logits_of``)."""
     try:
         import transformers
     except ImportError as exc:
@@ -87,11 +87,28 @@ def transformers_model(config: Mapping[str, Any]) -> nn.Module:
             "model", "config.json names no model_type", "give a config.json saved by transformers"
         )
     cfg = transformers.AutoConfig.for_model(kind, **settings)
-    for name in settings.get("architectures") or []:
-        cls = getattr(transformers, name, None)
-        if cls is not None:
-            return cls(cfg)
-    return transformers.AutoModel.from_config(cfg)
+    found = [getattr(transformers, n, None) for n in settings.get("architectures") or []]
+    cls = next((c for c in found if c is not None), None)
+    if cls is None:
+        raise SpecError(
+            "model",
+            f"config.json's architectures {settings.get('architectures')} name no class of "
+            f"transformers {transformers.__version__} with a head that gives logits",
+            "give a config.json saved from a model with a head (e.g. *ForSequenceClassification),"
+            " or name the model factory as {target: module:attr, kwargs}",
+        )
+    return _logits_of(cls)(cfg)
+
+
+def _logits_of(cls: type[nn.Module]) -> type[nn.Module]:
+    """``cls`` whose forward returns the logits tensor (what the engine's evaluator and loss
+    take) instead of a ModelOutput; parameter names, state dicts and everything else stay the
+    model's own."""
+
+    def forward(self: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        return cls.forward(self, inputs).logits
+
+    return type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__})
 
 
 @dataclass(frozen=True)
