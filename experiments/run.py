@@ -10,6 +10,9 @@ Fix: ...``) and exit status 2, as the ``stagetrace`` command does, and writes no
   training (``experiments.tasks.setup.Task``); a run directory that this invocation created is
   removed again when they refuse. An existing run directory is left as it was.
 
+``device`` and ``dtype`` (default auto, float32) say where and in what precision the task's
+replays, retraining and read-outs run (``attribution.record.compute``).
+
 ``trust_modules`` (or ``STAGETRACE_TRUST``) lets the config's references name code in your own
 packages (the trust boundary of ``attribution.record.references``).
 """
@@ -30,10 +33,11 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from attribution.record.compute import using
 from attribution.record.errors import SpecError, StagetraceError
 from attribution.record.references import trust
 from experiments.tasks import TASKS
-from experiments.tasks.setup import config_error
+from experiments.tasks.setup import compute_of, config_error
 
 BAD_INPUT = 2
 FULL_ERROR = "HYDRA_FULL_ERROR"
@@ -55,7 +59,8 @@ def task(cfg: DictConfig) -> Any:
             raise SpecError(
                 "task", f"{name!r} is not a task", f"use experiment={' or experiment='.join(TASKS)}"
             )
-        return TASKS[name](cfg, run_dir)
+        with using(compute_of(cfg)):  # the config's device and dtype, checked first
+            return TASKS[name](cfg, run_dir)
     except (StagetraceError, OmegaConfBaseException) as exc:
         if fresh and holds_only(run_dir, own):  # created for this run, nothing written since
             shutil.rmtree(run_dir, ignore_errors=True)

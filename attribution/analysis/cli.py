@@ -25,8 +25,9 @@ from attribution.record import SIGN_CONVENTION, distributed
 from attribution.record.artifacts import check_writable
 from attribution.record.checkpoint_spec import Built, check_estimator, is_spec_file, load_spec
 from attribution.record.checkpoint_spec import build as build_checkpoints
+from attribution.record.compute import Compute, current, using
 from attribution.record.counterfactual import folder_of, skip_stages
-from attribution.record.errors import StagetraceError
+from attribution.record.errors import SpecError, StagetraceError
 from attribution.record.pipeline import max_abs_diff, replay
 from attribution.record.references import trust
 from attribution.record.store import DiskStore
@@ -41,6 +42,9 @@ exit status: 0 success, 1 a verification found a difference (replay --verify), 2
 RUN is a trajectory directory, or a Hydra run directory holding one in trajectory/. A run may
 come from someone else: the code it names (model, data, losses) runs only from the project's
 own packages and the modules you trust (--trust-module, or STAGETRACE_TRUST=mod1,mod2).
+
+--device and --dtype choose where and in what precision replays, retraining and read-outs run
+(default auto, float32); results are handed back and stored on the CPU (docs/scale.md).
 
 validate and counterfactual also run under torchrun (torchrun --nproc-per-node N -m
 attribution.analysis.cli validate RUN ...): the ranks share the retrainings and read-outs and
@@ -65,6 +69,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--debug", action="store_true", help="show the traceback of an error (bad input too)"
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        metavar="{auto,cpu,cuda,cuda:N}",
+        help="where replays, retraining and read-outs run (default auto: a GPU if torch sees "
+        "one; under torchrun each rank takes cuda:LOCAL_RANK)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="float32 (default), or bfloat16 read-outs and replays/retraining (an "
+        "approximation, kept apart in the cache; docs/scale.md)",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -159,16 +177,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     shared = False  # whether this process joined a torchrun process group here
     try:
-        if args.command in ("counterfactual", "validate"):
-            shared = distributed.init_from_env()
-        trust(*args.trust_module)
-        return {
-            "inspect": _inspect,
-            "replay": _replay,
-            "counterfactual": _counterfactual,
-            "audit": _audit,
-            "validate": _validate,
-        }[args.command](args)
+        compute = Compute(args.device, args.dtype).check("--device", "--dtype").per_process()
+        with using(compute):  # checked before any work
+            if args.command in ("counterfactual", "validate"):
+                shared = distributed.init_from_env(compute.torch_device)
+            trust(*args.trust_module)
+            return {
+                "inspect": _inspect,
+                "replay": _replay,
+                "counterfactual": _counterfactual,
+                "audit": _audit,
+                "validate": _validate,
+            }[args.command](args)
     except StagetraceError as exc:
         if args.debug:
             raise
@@ -218,6 +238,13 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
+    if args.verify and current().training_dtype is not None:
+        raise SpecError(
+            "--dtype",
+            f"replay --verify compares with the record, which a {current().dtype} replay "
+            "cannot reproduce",
+            "drop --dtype (or drop --verify to see the differences)",
+        )
     traj = Trajectory.open(args.run)
     result = replay(traj)
     print(f"{'stage':<14}{'max |start diff|':>18}{'max |end diff|':>18}{'optimizer diff':>18}")
@@ -226,7 +253,14 @@ def _replay(args: argparse.Namespace) -> int:
     for note in result.environment:
         print(f"environment differs from the recording: {note}")
     print(f"largest parameter difference from the record: {result.worst:.3g}")
-    return 1 if args.verify and result.worst != 0.0 else 0
+    if result.tolerance:
+        worst = max((d.relative for d in result), default=0.0)
+        print(
+            f"replayed on {result.device}: compared within {result.tolerance:g} of the recorded "
+            f"magnitudes (largest relative difference {worst:.3g}; GPU kernels need not be "
+            "bit for bit)"
+        )
+    return 1 if args.verify and not result.passed else 0
 
 
 def _counterfactual(args: argparse.Namespace) -> int:
@@ -270,8 +304,9 @@ def _output(args: argparse.Namespace) -> Path:
 
 
 def _write(out: Path, result: dict[str, Any]) -> Path:
-    """Write the result file atomically."""
-    DiskStore(out.parent).put_json(out.name, result)
+    """Write the result file atomically, with the compute it ran on (``compute``: device and
+    dtype; ``approximate`` when the truth was retrained in bfloat16)."""
+    DiskStore(out.parent).put_json(out.name, {**result, "compute": current().to_json()})
     return out
 
 

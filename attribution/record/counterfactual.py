@@ -16,6 +16,12 @@ stage depends on the exact later batches). Stored in ``counterfactuals/skip-<sta
 
 ``skip_stages`` and ``skip_stages_shuffled`` run several of them; under torchrun they are shared
 out among the ranks (``attribution.record.distributed``, docs/scale.md).
+
+Retraining runs on the device of ``attribution.record.compute.current()`` (the GPU under the
+default ``auto`` where there is one) and is stored as CPU tensors of the recorded dtype, with
+the device and dtype in ``meta.json``: a stored result serves every device. Under a bfloat16
+compute the retraining runs in bfloat16: an approximation of the truth, stored apart in
+``counterfactuals/skip-<stage>-bfloat16/`` so that it never stands in for the exact one.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from torch import nn
 
 from attribution.record import distributed
 from attribution.record.artifacts import artifact_lock, load_artifact, save_artifact
+from attribution.record.compute import current
 from attribution.record.errors import StagetraceError, TrajectoryError
 from attribution.record.optim import OptimizerState
 from attribution.record.pipeline import (
@@ -115,9 +122,11 @@ def _indices(traj: Trajectory, stages: Sequence[str | int] | None) -> list[int]:
 
 def folder_of(traj: Trajectory, k: int, order_seed: int | None = None) -> str:
     """The cache folder of the retraining without stage k (under later batch order
-    ``order_seed``; None: as recorded)."""
+    ``order_seed``; None: as recorded), with ``-bfloat16`` for a bfloat16 retraining
+    (``Compute.cache_suffix``)."""
     name = traj.stages[k].name
-    return f"counterfactuals/skip-{name}" + ("" if order_seed is None else f"-order-{order_seed}")
+    order = "" if order_seed is None else f"-order-{order_seed}"
+    return f"counterfactuals/skip-{name}{order}{current().cache_suffix}"
 
 
 Job = tuple[int, int | None]
@@ -228,6 +237,8 @@ def _meta(traj: Trajectory, k: int, seconds: float, extra: dict[str, Any]) -> di
         "retrained_stages": [r.name for r in retrained],
         "retrained_steps": sum(r.num_steps for r in retrained),
         "seconds": seconds,
+        "device": str(current().torch_device),
+        "training_dtype": "recorded" if current().training_dtype is None else current().dtype,
         **extra,
     }
 
@@ -245,7 +256,8 @@ def retrain_after(
 
     ``later`` replaces the recorded (record, steps) of those stages, e.g. with a coarser
     schedule; by default they run exactly as recorded, with the recorded thread count
-    (``recorded_threads``). Stages k+1..K known not to replay (``Trajectory.check_replayable``)
+    (``recorded_threads``), on the current compute (``train_stage``); the result is on the CPU
+    in the recorded dtype. Stages k+1..K known not to replay (``Trajectory.check_replayable``)
     are refused: their retraining would not be the run's.
     """
     for j in range(k + 1, len(traj.stages)):

@@ -3,7 +3,10 @@
 One function, ``train_stage``, performs every training step in the project: the original run,
 its replay, and every skip-stage counterfactual. It reads learning rates and batch indices from a
 ``StepLog``, never from a sampler or scheduler, so replays see exactly the recorded numbers. Its
-callers run it inside ``recorded_threads``, with the recording's thread count.
+callers run it inside ``recorded_threads``, with the recording's thread count. It trains on the
+device (and, for bfloat16, in the dtype) of ``attribution.record.compute.current()``, or of the
+compute a caller passes, and hands the model and its optimizer state back on the CPU in their
+own precision.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset, default_collate
 
+from attribution.record.compute import Compute, current, deterministic, to_cpu
 from attribution.record.entry import apply_entry, is_structural, matching_modules
 from attribution.record.errors import SpecError, TrainingError, TrajectoryError
 from attribution.record.optim import (
@@ -155,11 +159,14 @@ def continue_stage(
     steps: StepLog,
     previous: OptimizerState,
     on_step: StepCallback | None = None,
+    compute: Compute | None = None,
 ) -> OptimizerState:
     """Run a recorded stage from its ``start`` state: re-initialise, take the optimizer state
-    its policy allows from ``previous`` (the state that existed when it began), and train."""
+    its policy allows from ``previous`` (the state that existed when it began), and train (on
+    ``compute``, default ``current()``; see ``train_stage``)."""
     reinitialise(model, record.entry, record.name)
-    return train_stage(model, record, steps, carried_state(previous, record, model), on_step)
+    state = carried_state(previous, record, model)
+    return train_stage(model, record, steps, state, on_step, compute=compute)
 
 
 def step_seconds(traj: Trajectory, j: int, probe: int = 3) -> float:
@@ -186,8 +193,16 @@ def train_stage(
     state: OptimizerState,
     on_step: StepCallback | None = None,
     on_checkpoint: CheckpointCallback | None = None,
+    compute: Compute | None = None,
 ) -> OptimizerState:
     """Run a stage's recorded steps on ``model`` in place; return the final optimizer state.
+
+    The steps run on ``compute`` (default ``current()``): the model, its optimizer state and
+    the batches are moved to its device, and to bfloat16 when its ``training_dtype`` says so
+    (floating inputs and targets cast; an approximation of the recorded computation). On CUDA
+    deterministic algorithms are on (``compute.deterministic``). The model is handed back on the
+    CPU with every tensor in the dtype it came in, and so is the returned state, so callers
+    (and entry actions, which draw from the CPU generator) never see the device.
 
     Batches use the first two tensors of each example (inputs, targets); further ones, such as
     group ids, are ignored. With ``record.clip_grad_norm`` set, the gradients are clipped after
@@ -196,8 +211,7 @@ def train_stage(
     max_norm)``. ``on_checkpoint`` receives the state before each step of
     ``record.checkpoint_steps()``: the recording stores it, replays and counterfactuals pass none.
     """
-    params = dict(model.named_parameters())
-    unknown = sorted(set(record.trainable) - set(params))
+    unknown = sorted(set(record.trainable) - {n for n, _ in model.named_parameters()})
     if unknown:
         raise TrajectoryError(
             None,
@@ -206,38 +220,89 @@ def train_stage(
             field="optimizer.groups",
             stage=record.name,
         )
-    trainable = set(record.trainable)
-    for name, p in params.items():
-        p.requires_grad_(name in trainable)
-    clipped = [p for name, p in params.items() if name in trainable]
-    names = {id(p): n for n, p in params.items()}
-    optimizer = build_optimizer(
-        record.optimizer, [([params[n] for n in g.params], g.hyper) for g in record.groups]
-    )
-    load_state_by_name(optimizer, state, names)
     require_batch_order(record, steps, "replays and retraining")
     dataset = load_dataset(record.data)
     check_indices(record, steps, len(dataset))
     loss_fn = loss_function(record.loss)
-    torch.manual_seed(record.seed)
-    model.train()
-    inner = set(record.checkpoint_steps())
-    for t in range(steps.num_steps):
-        if on_checkpoint is not None and t in inner:
-            on_checkpoint(t, snapshot(model))
-        inputs, targets = fetch_batch(dataset, steps.batch(t))
-        for group, lr in zip(optimizer.param_groups, steps.lr[t].tolist(), strict=True):
-            group["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(inputs), targets)
-        loss.backward()
-        _check_finite(loss, optimizer, names, record.name, t)
-        if record.clip_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(clipped, record.clip_grad_norm)
-        optimizer.step()
-        if on_step is not None:
-            on_step(record.name, t, steps.num_steps, loss.item())
-    return state_by_name(optimizer, names)
+    compute = current() if compute is None else compute
+    device, dtype = compute.torch_device, compute.training_dtype
+    native = _dtypes(model)
+    model.to(device=device, dtype=dtype)
+    try:
+        params = dict(model.named_parameters())
+        trainable = set(record.trainable)
+        for name, p in params.items():
+            p.requires_grad_(name in trainable)
+        clipped = [p for name, p in params.items() if name in trainable]
+        names = {id(p): n for n, p in params.items()}
+        optimizer = build_optimizer(
+            record.optimizer, [([params[n] for n in g.params], g.hyper) for g in record.groups]
+        )
+        load_state_by_name(optimizer, state, names)
+        _place_state(optimizer)
+        torch.manual_seed(record.seed)
+        model.train()
+        inner = set(record.checkpoint_steps())
+        with deterministic(compute):
+            for t in range(steps.num_steps):
+                if on_checkpoint is not None and t in inner:
+                    on_checkpoint(t, to_cpu(snapshot(model), native))
+                inputs, targets = (
+                    _placed(x, device, dtype) for x in fetch_batch(dataset, steps.batch(t))
+                )
+                for group, lr in zip(optimizer.param_groups, steps.lr[t].tolist(), strict=True):
+                    group["lr"] = lr
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(model(inputs), targets)
+                loss.backward()
+                _check_finite(loss, optimizer, names, record.name, t)
+                if record.clip_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(clipped, record.clip_grad_norm)
+                optimizer.step()
+                if on_step is not None:
+                    on_step(record.name, t, steps.num_steps, loss.item())
+        final = state_by_name(optimizer, names)
+    finally:
+        _restore(model, native)
+    return {
+        name: to_cpu(slots, {k: native[name] for k in slots if k != "step"})
+        for name, slots in final.items()
+    }
+
+
+def _dtypes(model: nn.Module) -> dict[str, torch.dtype]:
+    """Every parameter's and buffer's dtype by name (what ``_restore`` puts back)."""
+    tensors = itertools.chain(model.named_parameters(), model.named_buffers())
+    return {name: t.dtype for name, t in tensors}
+
+
+def _restore(model: nn.Module, dtypes: Mapping[str, torch.dtype]) -> None:
+    """Move ``model`` back to the CPU with each tensor in its dtype of ``dtypes`` (in place:
+    the same parameter objects, as ``nn.Module.to`` keeps them; a no-op for a CPU model that
+    never left its precision)."""
+    model.to("cpu")
+    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if name in dtypes and t.dtype != dtypes[name]:
+            t.grad = None  # a gradient of the lower precision no longer fits
+            t.data = t.data.to(dtypes[name])
+
+
+def _place_state(optimizer: torch.optim.Optimizer) -> None:
+    """Put each loaded optimizer state tensor on its parameter's device and, if floating, in
+    its dtype, as ``Optimizer.load_state_dict`` does; ``step`` stays where torch keeps it (a CPU
+    scalar). On the CPU in the recorded precision nothing is copied."""
+    for p, slots in optimizer.state.items():
+        for key, value in slots.items():
+            if key != "step" and isinstance(value, torch.Tensor):
+                dtype = p.dtype if value.is_floating_point() else value.dtype
+                slots[key] = value.to(p.device, dtype)
+
+
+def _placed(x: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
+    """A batch tensor on ``device``, floating ones in ``dtype`` (None: as they are)."""
+    if not isinstance(x, torch.Tensor):
+        return x
+    return x.to(device, dtype) if dtype is not None and x.is_floating_point() else x.to(device)
 
 
 @contextmanager
@@ -270,7 +335,8 @@ def run_pipeline(
     If ``root`` already holds an interrupted run of the same pipeline, it resumes after the last
     recorded stage (with the thread count it was recorded with); a finished run is returned as
     it is; a different pipeline, or a directory another process records into, is refused. The
-    directory's lock is released when this returns.
+    directory's lock is released when this returns. It trains on the CPU unless the current
+    compute names a device explicitly (``Compute.recording``), always in the model's precision.
     """
     check_pipeline(spec)
     traj = Trajectory.create(root, spec.model, spec.to_dict(), resume=True)
@@ -285,8 +351,9 @@ def run_pipeline(
                     torch.manual_seed(spec.seed)
                     model = spec.model.call()
                 state = {}
+            compute = current().recording()
             for stage in spec.stages[done:]:
-                state = _record_stage(traj, model, stage, state, on_step)
+                state = _record_stage(traj, model, stage, state, on_step, compute)
         if not traj.complete:
             traj.mark_complete()
     finally:
@@ -300,9 +367,10 @@ def _record_stage(
     stage: StageSpec,
     previous: OptimizerState,
     on_step: StepCallback | None,
+    compute: Compute,
 ) -> OptimizerState:
-    """Train one declared stage on ``model`` and append it to ``traj``; its inner checkpoints
-    are written as training reaches them and listed with the stage."""
+    """Train one declared stage on ``model`` (on ``compute``) and append it to ``traj``; its
+    inner checkpoints are written as training reaches them and listed with the stage."""
     add_adapters(model, stage.entry, stage.name)
     start = snapshot(model)
     reinitialise(model, stage.entry, stage.name)
@@ -313,7 +381,7 @@ def _record_stage(
     def save(t: int, tensors: dict[str, torch.Tensor]) -> None:
         inner.append(traj.write_inner_checkpoint(stage.name, t, tensors))
 
-    state = train_stage(model, record, steps, state_in, on_step, save)
+    state = train_stage(model, record, steps, state_in, on_step, save, compute)
     # run by train_stage itself, which every replay runs: verified by construction
     record = replace(record, verified=True)
     traj.append_stage(record, start, snapshot(model), state_in, state, steps, inner)
@@ -332,35 +400,74 @@ def check_pipeline(spec: PipelineSpec) -> None:
         resolve_stage(stage, model, len(load_dataset(stage.data)))
 
 
+CUDA_REPLAY_RTOL = 1e-5
+"""The tolerance of a replay on CUDA, relative to the largest magnitude of the recorded tensors
+compared: GPU kernels need not reproduce the recording's sums bit for bit (a CPU recording, or
+operations without a deterministic CUDA kernel), so ``replay --verify`` there passes when every
+difference is at most this fraction of that magnitude. On the CPU a replay is compared bit for
+bit (tolerance 0)."""
+
+
 @dataclass(frozen=True)
 class ReplayDiff:
     """Largest absolute difference between replayed and recorded tensors of one stage:
-    parameters and buffers at its start and end, and optimizer state at its end."""
+    parameters and buffers at its start and end, and optimizer state at its end; and the scale
+    they are measured against, the largest magnitude of the recorded parameters and buffers
+    (``params_scale``, start and end) and of the recorded optimizer state
+    (``optimizer_scale``)."""
 
     stage: str
     start: float
     end: float
     optimizer: float
+    params_scale: float = 0.0
+    optimizer_scale: float = 0.0
 
     @property
     def worst(self) -> float:
         return max(self.start, self.end, self.optimizer)
+
+    @property
+    def relative(self) -> float:
+        """The largest difference as a fraction of its scale (0.0: an exact replay; inf: a
+        difference where the recorded tensors are all zero, or keys that differ)."""
+        return max(
+            _ratio(self.start, self.params_scale),
+            _ratio(self.end, self.params_scale),
+            _ratio(self.optimizer, self.optimizer_scale),
+        )
+
+
+def _ratio(difference: float, scale: float) -> float:
+    if difference == 0.0:
+        return 0.0
+    return difference / scale if scale > 0.0 else float("inf")
 
 
 @dataclass(frozen=True)
 class Replay:
     """A replay's differences, one ``ReplayDiff`` per stage in training order (iterate or index
     it like a list), and ``environment``: what differs from the recording process that the
-    replay could not set back (torch version, device, CPU kernels), each a phrase such as
-    "recorded with torch 2.12.0, replayed with 2.13.0"; any of them may explain a difference."""
+    replay could not set back (torch version, device, CPU kernels, precision), each a phrase such
+    as "recorded with torch 2.12.0, replayed with 2.13.0"; any of them may explain a difference.
+    ``tolerance`` is the relative difference it allows (0.0 on the CPU: bit for bit;
+    ``CUDA_REPLAY_RTOL`` on CUDA) and ``device`` where it ran."""
 
     stages: tuple[ReplayDiff, ...]
     environment: tuple[str, ...] = ()
+    tolerance: float = 0.0
+    device: str = "cpu"
 
     @property
     def worst(self) -> float:
         """The largest difference over all stages (0.0: an exact replay)."""
         return max((d.worst for d in self.stages), default=0.0)
+
+    @property
+    def passed(self) -> bool:
+        """Whether every stage's relative difference is within ``tolerance`` (on the CPU:
+        whether the replay is exact)."""
+        return all(d.relative <= self.tolerance for d in self.stages)
 
     def __iter__(self) -> Iterator[ReplayDiff]:
         return iter(self.stages)
@@ -375,13 +482,18 @@ class Replay:
         return {
             "stages": [asdict(d) for d in self.stages],
             "worst": self.worst,
+            "tolerance": self.tolerance,
+            "device": self.device,
+            "passed": self.passed,
             "environment": list(self.environment),
         }
 
 
 def replay(traj: Trajectory, on_step: StepCallback | None = None) -> Replay:
     """Re-run the whole recorded trajectory from its first checkpoint, with the recorded thread
-    count (``recorded_threads``); compare every boundary. Stages known not to replay
+    count (``recorded_threads``), on the current compute's device (and in bfloat16 if it says
+    so); compare every boundary. On CUDA deterministic algorithms are on and the comparison
+    allows ``CUDA_REPLAY_RTOL``; on the CPU it is bit for bit. Stages known not to replay
     (``Trajectory.check_replayable``) are refused before any runs."""
     if not traj.stages:
         raise TrajectoryError(
@@ -392,32 +504,52 @@ def replay(traj: Trajectory, on_step: StepCallback | None = None) -> Replay:
         )
     for i in range(len(traj.stages)):
         traj.check_replayable(i)
+    compute = current()
     model = traj.load_model(0, "start")
     state: OptimizerState = {}
     diffs = []
     with recorded_threads(traj):
         for i, record in enumerate(traj.stages):
             add_adapters(model, record.entry if i else (), record.name)
-            start = max_abs_diff(snapshot(model), traj.checkpoint(i, "start"))
-            state = continue_stage(model, record, traj.steps(i), state, on_step)
-            end = max_abs_diff(snapshot(model), traj.checkpoint(i, "end"))
+            start, end = traj.checkpoint(i, "start"), traj.checkpoint(i, "end")
+            start_diff = max_abs_diff(snapshot(model), start)
+            state = continue_stage(model, record, traj.steps(i), state, on_step, compute)
             recorded = flatten_state(traj.optimizer_state(i, "end"))
             diffs.append(
-                ReplayDiff(record.name, start, end, max_abs_diff(flatten_state(state), recorded))
+                ReplayDiff(
+                    record.name,
+                    start_diff,
+                    max_abs_diff(snapshot(model), end),
+                    max_abs_diff(flatten_state(state), recorded),
+                    max(_magnitude(start), _magnitude(end)),
+                    _magnitude(recorded),
+                )
             )
-    return Replay(tuple(diffs), environment_notes(traj))
+    tolerance = CUDA_REPLAY_RTOL if compute.is_cuda else 0.0
+    notes = environment_notes(traj, compute.torch_device.type)
+    if compute.training_dtype is not None:
+        notes += (f"replayed in {compute.dtype}, an approximation of the recorded precision",)
+    return Replay(tuple(diffs), notes, tolerance, str(compute.torch_device))
 
 
-def environment_notes(traj: Trajectory) -> tuple[str, ...]:
-    """What differs between the recording process and this one that ``recorded_threads``
-    cannot set back (``Environment.differences``); for a manifest without an ``environment``,
-    a note that the recording's is unknown."""
+def _magnitude(tensors: Mapping[str, torch.Tensor]) -> float:
+    """The largest |value| of the floating tensors of a state dict (0.0 if none)."""
+    return max(
+        (float(t.abs().max()) for t in tensors.values() if t.is_floating_point() and t.numel()),
+        default=0.0,
+    )
+
+
+def environment_notes(traj: Trajectory, device: str = "cpu") -> tuple[str, ...]:
+    """What differs between the recording process and this one, replaying on ``device`` (a
+    device type), that ``recorded_threads`` cannot set back (``Environment.differences``); for
+    a manifest without an ``environment``, a note that the recording's is unknown."""
     if traj.environment is None:
         return (
             "the recording's environment is unknown (its manifest predates the environment "
             "field): an exact replay needs the same torch version, CPU and thread count",
         )
-    return traj.environment.differences(Environment.current())
+    return traj.environment.differences(Environment.current(device))
 
 
 def max_abs_diff(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:

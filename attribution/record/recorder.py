@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from attribution.record.compute import Compute, using
 from attribution.record.errors import StagetraceError
 from attribution.record.optim import (
     OptimizerState,
@@ -90,7 +91,10 @@ class Recorder:
         trust_target(model_ref.target)
         _check_reference(model, model_ref)
         self.model = model
-        self.trajectory = Trajectory.create(root, model_ref)
+        # the loop trains where the model is: the manifest says so, and verification runs there
+        self.compute = Compute(str(next(model.parameters(), torch.empty(0)).device))
+        with using(self.compute):
+            self.trajectory = Trajectory.create(root, model_ref)
 
     def stage(
         self,
@@ -312,7 +316,8 @@ class StageRecording:
         """Replay the stage's first ``len(recorded)`` steps from its start as every replay
         does, and compare the parameters and buffers after each with ``recorded``. The global
         RNG and the user's model are left untouched; the replay runs with the thread count
-        recorded when the Recorder was created, as every later replay will."""
+        recorded when the Recorder was created, as every later replay will, on the device the
+        user's model was on then."""
         n = len(recorded)
         first = replace(record, num_steps=n, checkpoint_every=None)
         log = StepLog(steps.lr[:n], steps.offsets[: n + 1], steps.indices[: steps.offsets[n]])
@@ -330,7 +335,7 @@ class StageRecording:
                 def compare(_stage: str, t: int, _steps: int, _loss: float) -> None:
                     differences.append(max_abs_diff(snapshot(model), recorded[t]))
 
-                continue_stage(model, first, log, previous, compare)
+                continue_stage(model, first, log, previous, compare, self.recorder.compute)
             except StagetraceError as exc:
                 return Verification(n, problem=str(exc))
         failed = [t for t, d in enumerate(differences) if d != 0]

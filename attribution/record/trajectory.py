@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from attribution.record import SIGN_CONVENTION
+from attribution.record.compute import current as current_compute
 from attribution.record.entry import apply_entry, is_structural
 from attribution.record.errors import (
     SpecError,
@@ -82,8 +83,12 @@ class Environment:
     cpu: str | None = None
 
     @classmethod
-    def current(cls) -> Environment:
-        """The environment of this process (stagetrace trains on the CPU only)."""
+    def current(cls, device: str | None = None) -> Environment:
+        """The environment of this process, training on ``device`` (a device type; default
+        where this process records, ``compute.current().recording()``: the CPU unless a
+        device was asked)."""
+        if device is None:
+            device = current_compute().recording().torch_device.type
         try:
             cpu: str | None = torch.backends.cpu.get_cpu_capability()
         except AttributeError:  # torch < 2.1
@@ -92,6 +97,7 @@ class Environment:
             torch=torch.__version__,
             threads=torch.get_num_threads(),
             deterministic=torch.are_deterministic_algorithms_enabled(),
+            device=device,
             cpu=cpu,
         )
 

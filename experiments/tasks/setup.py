@@ -1,12 +1,13 @@
 """What every task does first: check everything it was given, then write.
 
-``Task.check`` resolves the config and checks the pipeline, the behaviours (their data is built),
-the logger and the run directory, writing nothing: a run directory holding another
-configuration, or a trajectory of another pipeline, is refused here, before any file of the
-existing run is touched. ``Task.start`` then writes the resolved config and the behaviours (for
-``stagetrace audit``/``validate``) and starts the logger. A task with checks of its own runs them
-between the two; ``Task.prepare`` is both for a task without. Results are written with
-``write_result``: atomically, so a crash leaves the old file or the new one, never half of one.
+``Task.check`` resolves the config and checks the compute (``device``, ``dtype``), the
+pipeline, the behaviours (their data is built), the logger and the run directory, writing
+nothing: a run directory holding another configuration, or a trajectory of another pipeline, is
+refused here, before any file of the existing run is touched. ``Task.start`` then writes the
+resolved config and the behaviours (for ``stagetrace audit``/``validate``) and starts the
+logger. A task with checks of its own runs them between the two; ``Task.prepare`` is both for
+a task without. Results are written with ``write_result``: atomically, so a crash leaves the
+old file or the new one, never half of one.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from attribution.analysis.audit import BEHAVIORS_FILE
 from attribution.analysis.behaviors import Behavior
+from attribution.record.compute import Compute
 from attribution.record.errors import SpecError, TrajectoryError
 from attribution.record.pipeline import StepCallback, check_pipeline, run_pipeline
 from attribution.record.spec import PipelineSpec
@@ -35,8 +37,9 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.resolved.yaml"
 TRAJECTORY = "trajectory"
-UNCOMPARED = ("logger", "trust_modules")
-"""Config keys that do not change a run's results, so a re-run may differ in them."""
+UNCOMPARED = ("logger", "trust_modules", "device")
+"""Config keys that do not change a run's results, so a re-run may differ in them (the device:
+stored results are kept on the CPU, independent of where they were computed)."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,7 @@ class Task:
             resolved = OmegaConf.to_yaml(cfg, resolve=True)
         except OmegaConfBaseException as exc:
             raise config_error(exc) from exc
+        compute_of(config).check()
         spec = PipelineSpec.from_dict(config["pipeline"])
         behaviors = {
             n: Behavior.from_dict(n, b, f"behaviors.{n}")
@@ -128,6 +132,12 @@ class Task:
                 log.info("[%s%s] step %d/%d  loss %.4f", prefix, stage, t + 1, total, loss)
 
         return on_step
+
+
+def compute_of(config: Mapping[str, Any]) -> Compute:
+    """The config's ``device`` and ``dtype`` (default auto, float32) as a ``Compute``; the
+    experiments run every task under it (``experiments.run``), and ``Task.check`` checks it."""
+    return Compute(str(config.get("device", "auto")), str(config.get("dtype", "float32")))
 
 
 def write_result(run_dir: Path, name: str, text: str) -> Path:
