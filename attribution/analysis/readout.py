@@ -5,15 +5,17 @@ the final model's state to that of the run without stage k, over its parameters 
 estimator gives them, its floating-point buffers (BatchNorm running statistics; names it lacks
 have offset 0). With the project's sign convention effect_k(f) = f(theta_T) - f(theta_T^(-k)):
 
-- linear: effect_k(f) ~= -<grad f(theta_T), SE_k>, one forward-mode jvp of the batch's
-  per-example quantities along SE_k (``attribution.record.evaluation.directional``);
-- evaluated: effect_k(f) ~= f(theta_T) - f(theta_T + SE_k), one forward pass; exact whenever
-  SE_k is.
+- linear: effect_k(f) ~= -<grad f(theta_T), SE_k>, a forward-mode jvp of the batch's
+  per-example quantities along SE_k, all K stages in one jvp vectorised over the tangents
+  (``attribution.record.evaluation.derivatives_along``);
+- evaluated: effect_k(f) ~= f(theta_T) - f(theta_T + SE_k), all K + 1 parameter sets in one
+  vectorised forward pass (``values_along``); exact whenever SE_k is.
 
 The final model is a ``ModelAt`` (eval mode, its checkpoint's buffers). Both read-outs run per
 example in batches of ``batch_size`` examples, so memory is bounded by one batch's forward pass
-(never an N x p matrix of per-example gradients), and return per-example effects ([N] float64,
-in the units of the quantity) that ``behaviour_effects`` aggregates.
+for K + 1 parameter sets (never an N x p matrix of per-example gradients), and return
+per-example effects ([N] float64, in the units of the quantity; memory-mapped beyond
+``MEMMAP_ABOVE`` numbers, docs/scale.md) that ``behaviour_effects`` aggregates.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch import Tensor
 
 from attribution.analysis.behaviors import Behavior
 from attribution.record.errors import StagetraceError
-from attribution.record.evaluation import ModelAt, directional
+from attribution.record.evaluation import ModelAt, batched, derivatives_along, values_along
 
 Embeddings = Mapping[str, Mapping[str, Tensor]]
 
@@ -37,13 +39,21 @@ def linear_effects(
     targets: Tensor,
     quantity: str,
     batch_size: int = 512,
+    memmap_above: int | None = None,
 ) -> dict[str, Tensor]:
     """Per stage, the [N] float64 effects -<grad f(theta_T), SE_k> of the per-example quantity,
-    ``model`` being the final model theta_T. One jvp per stage per batch."""
-    return {
-        stage: -directional(model, embedding, inputs, targets, quantity, batch_size)
-        for stage, embedding in _checked(model, embeddings).items()
-    }
+    ``model`` being the final model theta_T. Per batch, ONE forward-mode jvp vectorised over the
+    K embeddings (``derivatives_along``: the primal pass once, the K tangent passes batched;
+    one jvp per stage where vmap cannot run the model). Beyond ``memmap_above`` results
+    (K x N; default ``memmap_above()``) they are memory-mapped (``allocate``)."""
+    checked = _checked(model, embeddings)
+    along = derivatives_along(model, list(checked.values()), quantity)
+
+    def effects(x: Tensor, y: Tensor) -> Tensor:
+        return -along(x, y)
+
+    out = batched(effects, inputs, targets, batch_size, model.device, len(checked), memmap_above)
+    return dict(zip(checked, out, strict=True))
 
 
 def evaluated_effects(
@@ -53,16 +63,23 @@ def evaluated_effects(
     targets: Tensor,
     quantity: str,
     batch_size: int = 512,
+    memmap_above: int | None = None,
 ) -> dict[str, Tensor]:
     """Per stage, the [N] float64 effects f(theta_T) - f(theta_T + SE_k) per example,
-    ``model`` being the final model theta_T. One forward pass per stage per batch, plus one for
-    f(theta_T)."""
+    ``model`` being the final model theta_T. Per batch, ONE forward pass vectorised over the
+    K + 1 parameter sets theta_T, theta_T + SE_1, ... (``values_along``; one pass per set where
+    vmap cannot run the model), differenced in float64. Beyond ``memmap_above`` results
+    (K x N; default ``memmap_above()``) they are memory-mapped (``allocate``)."""
     checked = _checked(model, embeddings)
-    final = model.values(inputs, targets, quantity, batch_size)
-    return {
-        stage: final - model.moved(embedding).values(inputs, targets, quantity, batch_size)
-        for stage, embedding in checked.items()
-    }
+    along = values_along(model, [{}, *checked.values()], quantity)
+
+    def effects(x: Tensor, y: Tensor) -> Tensor:
+        with torch.no_grad():
+            values = along(x, y).to(torch.float64)
+        return values[0] - values[1:]
+
+    out = batched(effects, inputs, targets, batch_size, model.device, len(checked), memmap_above)
+    return dict(zip(checked, out, strict=True))
 
 
 def behaviour_effects(

@@ -1,6 +1,8 @@
 """The one evaluator of a model on data: a model as a function at a checkpoint, its per-example
-quantities (differentiable in its parameters and floating-point buffers), one batched runner and
-one directional derivative (a forward-mode jvp) for the read-outs and the baselines.
+quantities (differentiable in its parameters and floating-point buffers), one batched runner
+(results memory-mapped beyond ``MEMMAP_ABOVE`` numbers), and, for the read-outs and the
+baselines, the directional derivatives (forward-mode jvps) and values of K stages at once, in
+one pass vectorised over the stages.
 
 A model is always evaluated in eval mode with the buffers of the checkpoint it stands for
 (BatchNorm running statistics, ...): dropout is off and normalisation uses the recorded
@@ -14,15 +16,19 @@ other logit, in logit units; ``correct`` is 1.0 where the largest logit is the t
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+import math
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, jvp
+from torch.func import functional_call, jvp, vmap
 from torch.overrides import TorchFunctionMode
 
 from attribution.record.errors import SpecError, StagetraceError
@@ -50,7 +56,8 @@ class ModelAt:
         load_state(module, state, "the state to evaluate")  # checks names and shapes
         module.eval()
         params = {n: state[n].detach() for n, _ in module.named_parameters()}
-        buffers = {n: state[n].detach() for n, _ in module.named_buffers()}
+        # a non-persistent buffer (e.g. transformers' position_ids) is no part of a state dict
+        buffers = {n: state.get(n, b).detach() for n, b in module.named_buffers()}
         return cls(module, params, buffers)
 
     def at(self, state: Mapping[str, Tensor]) -> ModelAt:
@@ -147,28 +154,153 @@ def directional(
     batch, [N] float64 on the CPU. ``tangent`` covers any subset of ``model.point`` (the rest
     is held fixed) and is cast to each coordinate's dtype and device. Floating buffers are
     differentiated too: eval-mode BatchNorm is then run as its explicit formula, since torch's
-    kernel refuses a derivative along running statistics."""
-    point = model.point
-    unknown = sorted(set(tangent) - set(point))
-    if unknown:
-        raise StagetraceError(
-            f"tangent for {unknown[:5]}, which are not parameters or floating-point buffers of "
-            "the model. Fix: key the direction by the model's parameter and buffer names"
-        )
-    if not tangent:
-        return torch.zeros(len(targets), dtype=torch.float64)
-    primal = {n: point[n] for n in tangent}
-    direction = {n: t.to(point[n]) for n, t in tangent.items()}
-    along_buffers = bool(set(tangent) - set(model.params))
+    kernel refuses a derivative along running statistics. Several tangents at once:
+    ``derivatives_along``."""
+    along = derivatives_along(model, [tangent], quantity)
+    return batched(along, inputs, targets, batch_size, model.device, rows=1)[0]
 
-    def derivative(x: Tensor, y: Tensor) -> Tensor:
+
+def derivatives_along(
+    model: ModelAt, tangents: Sequence[Mapping[str, Tensor]], quantity: str
+) -> Callable[[Tensor, Tensor], Tensor]:
+    """The batch function ``(x, y) -> [K, b]`` of the directional derivatives
+    <grad f_i(point), tangents[k]> of the per-example ``quantity`` (for ``batched``).
+
+    All K tangents go through ONE jvp, vectorised over the tangents (``torch.func.vmap``): the
+    primal forward pass runs once and the K tangent passes as one batched pass, instead of K
+    jvps that each redo the primal. Tangents are as ``directional``'s (any subset of
+    ``model.point``; the vmapped pass covers the union of their names, zero where one lacks a
+    name). Falls back to one jvp per tangent where vmap cannot run the model (an operation
+    without a batching rule, such as an ``autograd.Function`` without a vmap rule, or too
+    little memory for K tangents' activations): the same numbers at the per-stage cost."""
+    point = model.point
+    for tangent in tangents:
+        unknown = sorted(set(tangent) - set(point))
+        if unknown:
+            raise StagetraceError(
+                f"tangent for {unknown[:5]}, which are not parameters or floating-point buffers "
+                "of the model. Fix: key the direction by the model's parameter and buffer names"
+            )
+    names = [n for n in point if any(n in t for t in tangents)]
+    stacked = {
+        n: torch.stack(
+            [t[n].to(point[n]) if n in t else torch.zeros_like(point[n]) for t in tangents]
+        )
+        for n in names
+    }
+    directions = [{n: stacked[n][k] for n in t} for k, t in enumerate(tangents)]  # views
+    along_buffers = bool(set(names) - set(model.params))
+
+    def one(direction: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        if not direction:
+            return torch.zeros(len(y), dtype=torch.float64, device=y.device)
+        primal = {n: point[n] for n in direction}
         f = partial(per_example, model, inputs=x, targets=y, quantity=quantity)
+        return jvp(f, (primal,), (dict(direction),))[1]
+
+    def all_at_once(x: Tensor, y: Tensor) -> Tensor:
+        return vmap(one, in_dims=(0, None, None))(stacked, x, y)
+
+    def one_by_one(x: Tensor, y: Tensor) -> Tensor:
+        return torch.stack([one(d, x, y).to(torch.float64) for d in directions])
+
+    def derivatives(x: Tensor, y: Tensor) -> Tensor:
         if along_buffers:
             with _RunningStatisticsAsFormula():
-                return jvp(f, (primal,), (direction,))[1]
-        return jvp(f, (primal,), (direction,))[1]
+                return vectorised(x, y)
+        return vectorised(x, y)
 
-    return batched(derivative, inputs, targets, batch_size, model.device)
+    vectorised = _with_fallback(all_at_once, one_by_one, len(tangents) > 1 and bool(names))
+    return derivatives
+
+
+def values_along(
+    model: ModelAt, offsets: Sequence[Mapping[str, Tensor]], measure: str
+) -> Callable[[Tensor, Tensor], Tensor]:
+    """The batch function ``(x, y) -> [K, b]`` of the per-example ``measure`` of the model at
+    ``point + offsets[k]`` for every k (``{}``: the checkpoint itself), for ``batched``.
+
+    The K parameter sets (each as ``ModelAt.moved`` makes it: added in float64, stored in the
+    tensor's dtype) run as ONE forward pass vectorised over the sets (``torch.func.vmap`` of
+    ``functional_call``): the same numbers as K forward passes, up to the rounding of batched
+    matrix products, with K sets of the offset tensors and K batches of activations in memory.
+    Falls back to one forward pass per set where vmap cannot run the model (as
+    ``derivatives_along``, and control flow that reads a parameter's value, e.g. ``.item()``).
+    Dropout is off and BatchNorm uses each set's running statistics (eval mode), as in K
+    separate passes."""
+    point = model.point
+    names = [n for n in point if any(n in o for o in offsets)]
+    moved = [model.moved(offset).point for offset in offsets]
+    stacked = {n: torch.stack([m[n] for m in moved]) for n in names}
+    del moved
+    points = [{n: s[k] for n, s in stacked.items()} for k in range(len(offsets))]  # views
+
+    def one(at: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return per_example(model, at, x, y, measure)
+
+    def all_at_once(x: Tensor, y: Tensor) -> Tensor:
+        return vmap(one, in_dims=(0, None, None))(stacked, x, y)
+
+    def one_by_one(x: Tensor, y: Tensor) -> Tensor:
+        return torch.stack([one(p, x, y).to(torch.float64) for p in points])
+
+    return _with_fallback(all_at_once, one_by_one, len(offsets) > 1 and bool(names))
+
+
+def _with_fallback(
+    vectorised: Callable[[Tensor, Tensor], Tensor],
+    looped: Callable[[Tensor, Tensor], Tensor],
+    vectorise: bool,
+) -> Callable[[Tensor, Tensor], Tensor]:
+    """``vectorised`` until it fails with a ``RuntimeError`` (vmap cannot run the model, or it
+    ran out of memory), from then on ``looped``, which computes the same (and raises the error
+    itself if the model is at fault)."""
+    works = [vectorise]
+
+    def run(x: Tensor, y: Tensor) -> Tensor:
+        if works[0]:
+            try:
+                return vectorised(x, y)
+            except RuntimeError:
+                works[0] = False
+        return looped(x, y)
+
+    return run
+
+
+MEMMAP_ABOVE = 10_000_000
+"""Per-example results of more float64 numbers than this go to a memory-mapped temporary file
+(``numpy.memmap`` in ``tempfile.gettempdir()``, i.e. ``$TMPDIR``) instead of RAM; the
+environment variable ``STAGETRACE_MEMMAP_ABOVE`` overrides it (0: always on disk)."""
+MEMMAP_VARIABLE = "STAGETRACE_MEMMAP_ABOVE"
+
+
+def memmap_above() -> int:
+    """The number of float64 results beyond which they are memory-mapped: ``MEMMAP_ABOVE``, or
+    the environment's ``STAGETRACE_MEMMAP_ABOVE``; a value that is not a whole number >= 0 is
+    refused."""
+    raw = os.environ.get(MEMMAP_VARIABLE)
+    if raw is None:
+        return MEMMAP_ABOVE
+    if not raw.strip().isdigit():
+        raise StagetraceError(
+            f"{MEMMAP_VARIABLE}={raw!r} is not a whole number of floats. Fix: set it to the "
+            f"number of per-example results to keep in RAM, e.g. {MEMMAP_ABOVE}, or unset it"
+        )
+    return int(raw)
+
+
+def allocate(shape: tuple[int, ...], above: int | None = None) -> Tensor:
+    """An uninitialised float64 CPU tensor of ``shape``: in RAM, or beyond ``above`` numbers
+    (default ``memmap_above()``) in an anonymous temporary file mapped into memory, so that the
+    operating system pages it to disk instead of holding it in RAM. The file has no name (it is
+    deleted at once) and its space is freed when the tensor is."""
+    above = memmap_above() if above is None else above
+    if math.prod(shape) <= above or not math.prod(shape):
+        return torch.empty(shape, dtype=torch.float64)
+    with tempfile.TemporaryFile() as handle:  # the mapping outlives the handle
+        array = np.memmap(handle, dtype=np.float64, mode="w+", shape=shape)
+    return torch.from_numpy(array)
 
 
 def batched(
@@ -177,23 +309,24 @@ def batched(
     targets: Tensor,
     batch_size: int,
     device: torch.device,
+    rows: int | None = None,
+    memmap_above: int | None = None,
 ) -> Tensor:
-    """``fn(inputs, targets)`` [N], run on ``device`` over batches of at most ``batch_size``
-    examples (memory: one batch's forward pass), returned as float64 on the CPU."""
+    """``fn(inputs, targets)``, run on ``device`` over batches of at most ``batch_size``
+    examples (memory: one batch's forward pass) and written batch by batch into one float64
+    CPU tensor: [N] (``fn`` gives [b]) or, with ``rows``, [rows, N] (``fn`` gives [rows, b]).
+    The result is memory-mapped beyond ``memmap_above`` numbers (``allocate``)."""
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise StagetraceError(
             f"batch_size {batch_size!r} is not a positive integer. Fix: give the number of "
             "examples per forward pass, e.g. 512"
         )
-    return torch.cat(
-        [
-            fn(inputs[i : i + batch_size].to(device), targets[i : i + batch_size].to(device))
-            .detach()
-            .to("cpu", torch.float64)
-            for i in range(0, len(targets), batch_size)
-        ]
-        or [torch.zeros(0, dtype=torch.float64)]
-    )
+    n = len(targets)
+    out = allocate((n,) if rows is None else (rows, n), memmap_above)
+    for i in range(0, n, batch_size):
+        part = fn(inputs[i : i + batch_size].to(device), targets[i : i + batch_size].to(device))
+        out[..., i : i + batch_size] = part.detach().to("cpu", torch.float64)
+    return out
 
 
 _BATCH_NORM = inspect.signature(F.batch_norm)

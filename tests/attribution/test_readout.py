@@ -2,6 +2,7 @@
 ``.backward()``, ordinary forward passes of a model holding the shifted parameters, and real
 skip-stage retraining; plus the batching (memory) guarantee and the aggregation per behaviour."""
 
+import contextlib
 import copy
 
 import pytest
@@ -12,13 +13,13 @@ from attribution.analysis.behaviors import Behavior
 from attribution.analysis.readout import behaviour_effects, evaluated_effects, linear_effects
 from attribution.record.counterfactual import as_model, skip_stage
 from attribution.record.errors import StagetraceError
-from attribution.record.evaluation import ModelAt
+from attribution.record.evaluation import ModelAt, directional
 from attribution.record.pipeline import run_pipeline
 from attribution.record.references import Ref
 from attribution.record.spec import PipelineSpec
 from experiments.data import mnist
 from experiments.models import MLP
-from tests.attribution import tiny
+from tests.attribution import normnet, tiny
 
 DATA = Ref("experiments.data:mnist", {"split": "test", "stop": 20})
 QUANTITIES = ["loss", "margin"]
@@ -198,3 +199,163 @@ def test_bad_embeddings_are_refused(model, data, readout):
             readout(final, embeddings, inputs, targets, "loss")
     with pytest.raises(StagetraceError, match=r"batch_size.*Fix: "):
         readout(final, random_embeddings(model), inputs, targets, "loss", batch_size=0)
+
+
+# All K stages in one vectorised pass (torch.func.vmap over the tangents or parameter sets):
+# checked against one pass per stage, finite differences and separate forward passes.
+
+
+def three_stages(point, names, scale, seed=2):
+    """Three float32 embeddings over ``names`` of ``point`` (the last over a subset)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def draw(n):
+        return scale * torch.randn(point[n].shape, generator=gen)
+
+    return {
+        "pretrain": {n: draw(n) for n in names},
+        "finetune": {n: draw(n) for n in names},
+        "adapt": {n: draw(n) for n in names[-2:]},
+    }
+
+
+def float32_model():
+    torch.manual_seed(0)
+    return MLP(hidden=[16, 8])
+
+
+def norm_model():
+    """BatchNorm (moved running statistics) and dropout, float32, in eval mode."""
+    torch.manual_seed(0)
+    module = normnet.NormNet(hidden=6)
+    module.norm1.running_mean.normal_()
+    module.norm1.running_var.uniform_(0.5, 2.0)
+    return module
+
+
+@contextlib.contextmanager
+def counting_passes(module):
+    """The batch size of every forward pass of ``module`` while the block runs."""
+    passes = []
+    hook = module.register_forward_pre_hook(lambda m, args: passes.append(len(args[0])))
+    try:
+        yield passes
+    finally:
+        hook.remove()
+
+
+STEP = 1e-4
+"""The finite differences' step along an embedding (float64)."""
+NORM_NAMES = ["fc1.weight", "norm1.weight", "norm1.running_mean", "norm1.running_var", "head.bias"]
+
+
+@pytest.mark.parametrize("quantity", QUANTITIES)
+@pytest.mark.parametrize("which", ["mlp", "batchnorm"])
+def test_vectorised_linear_equals_one_jvp_per_stage_and_finite_differences(data, quantity, which):
+    inputs = data[0].float()
+    targets = data[1]
+    module = float32_model() if which == "mlp" else norm_model()
+    model = at(module)
+    names = list(model.params) if which == "mlp" else NORM_NAMES
+    embeddings = three_stages(model.point, names, 1e-2)
+    with counting_passes(module) as passes:
+        got = linear_effects(model, embeddings, inputs, targets, quantity, batch_size=7)
+    assert passes == [7, 7, 6]  # one vectorised pass per batch for the three stages
+    for stage, embedding in embeddings.items():
+        alone = -directional(model, embedding, inputs, targets, quantity, batch_size=7)
+        torch.testing.assert_close(got[stage], alone, atol=1e-6, rtol=1e-6)
+        # minus the central finite difference, in float64 on modules holding the moved state
+        state = {n: v.double() for n, v in module.state_dict().items()}
+        ahead, behind = copy.deepcopy(module).double(), copy.deepcopy(module).double()
+        ahead.load_state_dict(
+            {n: v + STEP * embedding[n] if n in embedding else v for n, v in state.items()}
+        )
+        behind.load_state_dict(
+            {n: v - STEP * embedding[n] if n in embedding else v for n, v in state.items()}
+        )
+        ahead.eval(), behind.eval()
+        x = inputs.double()
+        slope = (
+            quantities_by_forward(ahead, x, targets, quantity)
+            - quantities_by_forward(behind, x, targets, quantity)
+        ) / (2 * STEP)
+        torch.testing.assert_close(got[stage], -slope, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("quantity", QUANTITIES)
+@pytest.mark.parametrize("which", ["mlp", "batchnorm"])
+def test_vectorised_evaluated_equals_separate_forward_passes(data, quantity, which):
+    inputs = data[0].float()
+    targets = data[1]
+    module = float32_model() if which == "mlp" else norm_model()
+    model = at(module)
+    names = list(model.params) if which == "mlp" else NORM_NAMES
+    embeddings = three_stages(model.point, names, 0.1)
+    with counting_passes(module) as passes:
+        got = evaluated_effects(model, embeddings, inputs, targets, quantity, batch_size=7)
+    assert passes == [7, 7, 6]
+    state = module.state_dict()
+    final = quantities_by_forward(module.eval(), inputs, targets, quantity)
+    for stage, embedding in embeddings.items():
+        alone = evaluated_effects(model, {stage: embedding}, inputs, targets, quantity)[stage]
+        torch.testing.assert_close(got[stage], alone, atol=1e-6, rtol=1e-6)
+        shifted = copy.deepcopy(module)
+        shifted.load_state_dict(
+            {n: v + embedding[n] if n in embedding else v for n, v in state.items()}
+        )
+        expected = final - quantities_by_forward(shifted.eval(), inputs, targets, quantity)
+        torch.testing.assert_close(got[stage], expected, atol=1e-5, rtol=1e-5)
+
+
+class Cube(torch.autograd.Function):
+    """x**3 with its own derivatives and no vmap rule: ``torch.func.vmap`` refuses it."""
+
+    @staticmethod
+    def forward(x):
+        return x**3
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * tangent
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * grad
+
+
+class CubedLogits(torch.nn.Module):
+    """A linear layer whose logits go through ``Cube``."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(784, 10)
+
+    def forward(self, x):
+        return Cube.apply(self.fc(x.reshape(len(x), -1)))
+
+
+@pytest.mark.parametrize("readout", [linear_effects, evaluated_effects])
+def test_models_vmap_cannot_run_fall_back_to_one_pass_per_stage(data, readout):
+    inputs, targets = data[0].float(), data[1]
+    torch.manual_seed(0)
+    module = CubedLogits()
+    model = at(module)
+    embeddings = three_stages(model.point, ["fc.weight", "fc.bias"], 1e-3)
+    with pytest.raises(RuntimeError, match="vmap"):  # the premise: vmap refuses it
+        torch.func.vmap(lambda w: model.logits(inputs, {"fc.weight": w}))(
+            torch.stack([model.params["fc.weight"]] * 2)
+        )
+    with counting_passes(module) as passes:
+        got = readout(model, embeddings, inputs, targets, "loss", batch_size=7)
+    per_set = 3 if readout is linear_effects else 4  # + theta_T
+    assert passes == [7] * (1 + per_set) + [7] * per_set + [6] * per_set  # 1: vmap's try
+    for stage, embedding in embeddings.items():
+        alone = readout(model, {stage: embedding}, inputs, targets, "loss", batch_size=7)
+        torch.testing.assert_close(got[stage], alone[stage], atol=0, rtol=0)
