@@ -155,6 +155,69 @@ class StepRule:
                 new_state[name] = s
         return new_params, new_state
 
+    def tangent(
+        self,
+        params: Params,
+        grads: Params,
+        lrs: Mapping[str, float],
+        fresh: Collection[str],
+        after: State,
+        tangents: tuple[Params, State],
+        grad_tangents: Params,
+    ) -> tuple[Params, State]:
+        """The step's Jacobian-vector product, for tangents stacked along a leading dimension
+        (one row per offset carried): what ``torch.func.jvp`` of ``step`` at (``params``,
+        state, ``grads``) gives, row by row, written out with plain tensor operations so that
+        the rows share each operation (E2: one step's update for every skipped stage at once).
+
+        ``after``: the state ``step`` returned (Adam's new moments enter the derivative);
+        ``tangents``: (parameter, state) tangents of every entry of ``params`` and the state;
+        ``grad_tangents``: the tangents of ``grads`` (the loss Hessian applied to the parameter
+        tangents). Entries not in ``grads`` pass unchanged; step counts keep their tangent."""
+        dparams, dstate = tangents
+        if self.clip_grad_norm is not None:
+            grad_tangents = self._clipped_tangent(grads, grad_tangents)
+            grads = self.clipped(grads)
+        new_dparams, new_dstate = dict(dparams), dict(dstate)
+        for name, dg in grad_tangents.items():
+            hyper, lr = self.hyper[name], lrs[name]
+            if self.kind in ("adam", "adamw"):
+                dp, ds = _adam_tangent(
+                    params[name], grads[name], after[name], lr, hyper, self.kind == "adamw",
+                    dparams[name], dstate[name], dg,
+                )  # fmt: skip
+            else:
+                dp, ds = _sgd_tangent(
+                    lr, hyper, self.kind == "sgdw", name in fresh,
+                    dparams[name], dstate.get(name, {}), dg,
+                )  # fmt: skip
+            new_dparams[name] = dp
+            if ds:
+                new_dstate[name] = ds
+        return new_dparams, new_dstate
+
+    def _clipped_tangent(self, grads: Params, grad_tangents: Params) -> Params:
+        """Tangents of ``clipped(grads)`` (rows stacked): ``dg * c + g * dc`` with c the
+        clipping coefficient and dc its derivative (0 where clamped, as torch's clamp has it)."""
+        names = [n for n in self.hyper if n in grads]
+        if not names:
+            return dict(grad_tangents)
+        total = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(grads[n]) for n in names])
+        )
+        rows = next(iter(grad_tangents.values())).shape[0]
+        inner = sum(
+            (grad_tangents[n] * grads[n]).reshape(rows, -1).sum(1) for n in names
+        )  # <g, dg> per row
+        dtotal = torch.where(total > 0, inner / torch.where(total > 0, total, 1.0), 0.0)
+        raw = self.clip_grad_norm / (total + 1e-6)
+        coefficient = torch.clamp(raw, max=1.0)
+        dcoefficient = torch.where(raw <= 1.0, -raw / (total + 1e-6) * dtotal, 0.0)
+        return {
+            n: dg * coefficient + grads[n] * _rows(dcoefficient, dg)
+            for n, dg in grad_tangents.items()
+        }
+
     def clipped(self, grads: Params) -> Params:
         """``grads`` scaled as ``torch.nn.utils.clip_grad_norm_(..., clip_grad_norm)`` scales
         them: by ``min(max_norm / (total_norm + 1e-6), 1)``, total_norm the 2-norm of the
@@ -230,6 +293,71 @@ def _adam(
     # torch: param.addcdiv_(exp_avg, denom, value=-step_size), computed as p + (value * m) / d
     p = p + -step_size * exp_avg / denom
     return p, {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+
+
+def _rows(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-row vector shaped to broadcast over stacked tangents ``like``."""
+    return values.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def _sgd_tangent(
+    lr: float,
+    hyper: Mapping[str, Any],
+    decoupled: bool,
+    fresh: bool,
+    dp: torch.Tensor,
+    dslots: Mapping[str, torch.Tensor],
+    dg: torch.Tensor,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Tangent of ``_sgd``: the SGD step is affine in (p, buffer, grad), so its tangent is
+    the same update applied to the tangents without the constant parts."""
+    decay, momentum = hyper["weight_decay"], hyper["momentum"]
+    if decay != 0 and decoupled:
+        dp = dp * (1.0 - lr * decay)
+    elif decay != 0:
+        dg = dg + decay * dp
+    if momentum == 0:
+        return dp - lr * dg, {}
+    dampened = (1 - hyper["dampening"]) * dg
+    dbuf = dg if fresh else dslots["momentum_buffer"] * momentum + dampened
+    direction = dg + momentum * dbuf if hyper["nesterov"] else dbuf
+    return dp - lr * direction, {"momentum_buffer": dbuf}
+
+
+def _adam_tangent(
+    p: torch.Tensor,
+    grad: torch.Tensor,
+    after: Mapping[str, torch.Tensor],
+    lr: float,
+    hyper: Mapping[str, Any],
+    decoupled: bool,
+    dp: torch.Tensor,
+    dslots: Mapping[str, torch.Tensor],
+    dg: torch.Tensor,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Tangent of ``_adam`` at the step that produced the moments ``after``:
+    dm' = b1 dm + (1 - b1) dg, dv' = b2 dv + 2 (1 - b2) g dg, and
+    dp' = dp - step_size (dm' - m' d(denom) / denom) / denom, with d(sqrt v) = dv / (2 sqrt v)
+    and 0 where v = 0 (as ``_sqrt``'s derivative)."""
+    beta1, beta2 = hyper["betas"]
+    decay = hyper["weight_decay"]
+    if decay != 0 and decoupled:
+        dp = dp * (1.0 - lr * decay)
+    elif decay != 0:
+        grad = torch.add(grad, p, alpha=decay)
+        dg = dg + decay * dp
+    exp_avg_d = beta1 * dslots["exp_avg"] + (1 - beta1) * dg
+    exp_avg_sq_d = beta2 * dslots["exp_avg_sq"] + (2 * (1 - beta2)) * grad * dg
+    count = after["step"].double()
+    step_size = torch.tensor(lr, dtype=torch.float64) / (1 - beta1**count)
+    correction = (1 - beta2**count).sqrt()
+    v = after["exp_avg_sq"]
+    root = _sqrt(v)
+    denom = root / correction + hyper["eps"]
+    droot = torch.where(v > 0, exp_avg_sq_d / (2 * torch.where(v > 0, root, 1.0)), 0.0)
+    ddenom = droot / correction
+    dp = dp - step_size * (exp_avg_d - after["exp_avg"] * ddenom / denom) / denom
+    return dp, {"step": dslots["step"], "exp_avg": exp_avg_d, "exp_avg_sq": exp_avg_sq_d}
 
 
 def _sqrt(x: torch.Tensor) -> torch.Tensor:

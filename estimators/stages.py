@@ -23,9 +23,6 @@ from attribution.record.trajectory import StageRecord, StepLog, Trajectory
 from estimators.base import final_parameter_names
 from estimators.functional import Params, State, StepRule, step_lrs
 
-Step = Callable[[Params, State], tuple[Params, State]]
-"""One recorded step as a pure function of (parameters, optimizer state)."""
-
 Scorer = Callable[[int, Params, Tensor, Tensor, Params], None]
 """Called in the reverse pass with (step t, parameters before it, its batch's inputs and
 targets, adjoint of its gradient g_t)."""
@@ -111,19 +108,12 @@ class TrainingStart:
         """State entries the optimizer creates at step t (only at the stage's first step)."""
         return self.fresh if t == 0 else frozenset()
 
-    def steps(self) -> Iterator[Step]:
-        """Each recorded step as a pure function of (params, state)."""
+    def batches(self) -> Iterator[tuple[int, Tensor, Tensor, dict[str, float]]]:
+        """Each recorded step's ``(t, inputs, targets, learning rates)``."""
         log: StepLog = self.traj.steps(self.j)
         dataset = load_dataset(self.record.data)
         for t in range(log.num_steps):
-            inputs, targets = fetch_batch(dataset, log.batch(t))
-            lrs = step_lrs(self.record, log, t)
-
-            def step(params: Params, state: State, x=inputs, y=targets, lrs=lrs, t=t):
-                grads = self.gradient(params, x, y)
-                return self.rule.step(params, state, grads, lrs, self.fresh_at(t))
-
-            yield step
+            yield t, *fetch_batch(dataset, log.batch(t)), step_lrs(self.record, log, t)
 
     def entering(self, adjoint: Params, adjoint_state: State) -> tuple[Params, State]:
         """Adjoints at the stage's end in its structure: zero for parameters and state entries
