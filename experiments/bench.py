@@ -24,13 +24,15 @@ import argparse
 import hashlib
 import importlib
 import json
+import os
 import resource
 import shlex
 import statistics
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -43,9 +45,16 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
+from attribution.analysis.audit import READOUTS
 from attribution.analysis.readout import evaluated_effects, linear_effects
 from attribution.record.counterfactual import check_skippable, retrain_after
-from attribution.record.evaluation import ModelAt, final_model, per_example
+from attribution.record.evaluation import (
+    MEMMAP_ABOVE,
+    MEMMAP_VARIABLE,
+    ModelAt,
+    final_model,
+    per_example,
+)
 from attribution.record.pipeline import run_pipeline
 from attribution.record.references import Ref, load_dataset
 from attribution.record.spec import PipelineSpec
@@ -353,6 +362,217 @@ def text_costs(quick: bool, repeats: int) -> tuple[str, list[Cost], list[Cost]]:
     return described, costs, passes_cost
 
 
+MEMORY_SIZES = (1_000, 10_000, 60_000)
+"""Test-set sizes of the read-out memory table (MNIST's test images tiled to reach them)."""
+
+
+@dataclass(frozen=True)
+class ReadoutCost:
+    """Seconds of one inference pass over ``examples`` inputs and of both read-outs of
+    ``stages`` stage embeddings over them: vectorised over the stages (as the read-outs run)
+    and one pass per stage (the per-stage loop they replace), in batches of ``READOUT_BATCH``.
+    ``ratio``: seconds / (stages x inference seconds), the read-out's cost per stage in
+    inference passes."""
+
+    model: str
+    examples: int
+    stages: int
+    inference: float
+    linear: float
+    evaluated: float
+    linear_per_stage: float
+    evaluated_per_stage: float
+
+    def ratio(self, seconds: float) -> float:
+        return seconds / (self.stages * self.inference)
+
+
+def readout_cost(
+    name: str,
+    model: ModelAt,
+    embeddings: Embeddings,
+    inputs: Tensor,
+    targets: Tensor,
+    repeats: int,
+) -> ReadoutCost:
+    """Time inference and both read-outs (quantity loss), vectorised and per stage (the per
+    stage evaluated loop computes f(theta_T) once, as the read-out did before)."""
+
+    def linear_per_stage() -> None:
+        for stage, embedding in embeddings.items():
+            linear_effects(model, {stage: embedding}, inputs, targets, "loss", READOUT_BATCH)
+
+    def evaluated_per_stage() -> None:
+        final = model.values(inputs, targets, "loss", READOUT_BATCH)
+        for embedding in embeddings.values():
+            final - model.moved(embedding).values(inputs, targets, "loss", READOUT_BATCH)
+
+    def readout(fn: Callable[..., Any]) -> Callable[[], Any]:
+        return lambda: fn(model, embeddings, inputs, targets, "loss", READOUT_BATCH)
+
+    passes = [
+        lambda: infer(model.module, inputs, READOUT_BATCH),
+        readout(linear_effects),
+        readout(evaluated_effects),
+        linear_per_stage,
+        evaluated_per_stage,
+    ]
+    seconds = [timed(fn, repeats)[1] for fn in passes]
+    return ReadoutCost(name, len(targets), len(embeddings), *seconds)
+
+
+def text_readout_cost(quick: bool, repeats: int) -> ReadoutCost:
+    """``readout_cost`` of E1's embeddings on the toxicity pipeline's test set."""
+    traj = Trajectory.open(prepared_trajectory(quick, TEXT))
+    data = experiment_config(TEXT, quick)["evaluation"]["data"]
+    inputs, targets = load_dataset(Ref(data["target"], data["kwargs"])).tensors[:2]
+    embeddings = E1().embed(traj).offsets
+    return readout_cost(
+        "toxicity (text transformer)", final_model(traj), embeddings, inputs, targets, repeats
+    )
+
+
+@dataclass(frozen=True)
+class MemoryRow:
+    """Peak resident memory (MiB) of one read-out of ``stages`` E1 embeddings over
+    ``examples`` test inputs, above the process's memory once imports, the final model, the
+    embeddings and the inputs are loaded; and its seconds."""
+
+    readout: str
+    examples: int
+    stages: int
+    peak_mib: float
+    seconds: float
+
+
+def measure_readout_memory(root: str, readout: str, examples: int) -> MemoryRow:
+    """Run the audit's ``readout`` on ``examples`` MNIST test images (tiled); meant for a
+    fresh process. A read-out of one batch first (lazy imports, the allocator's first buffers),
+    then the peak is reset, so only what the read-out holds for the N examples counts."""
+    traj = Trajectory.open(root)
+    model = final_model(traj)
+    embeddings = E1().embed(traj).offsets
+    images, labels = mnist(split="test").tensors
+    copies = -(-examples // len(labels))
+    inputs = images.repeat(copies, *[1] * (images.ndim - 1))[:examples].contiguous()
+    targets = labels.repeat(copies)[:examples].contiguous()
+    del images, labels
+    warm = slice(0, READOUT_BATCH)
+    READOUTS[readout](model, embeddings, inputs[warm], targets[warm], "loss", READOUT_BATCH)
+    reset_peak_rss()
+    before = max_rss_kib()
+    began = time.perf_counter()
+    READOUTS[readout](model, embeddings, inputs, targets, "loss", READOUT_BATCH)
+    seconds = time.perf_counter() - began
+    return MemoryRow(
+        readout, examples, len(embeddings), (max_rss_kib() - before) / KIB_PER_MIB, seconds
+    )
+
+
+FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+"""glibc's allocator with a fixed mmap threshold (128 KiB): freed batch buffers go back to the
+system, so a peak shows what a read-out holds rather than the heap's fragmentation (glibc's
+default threshold grows as buffers are freed and keeps them in the heap)."""
+
+
+def readout_memory(
+    root: Path, readouts: Sequence[str] = tuple(READOUTS)
+) -> tuple[list[MemoryRow], list[MemoryRow]]:
+    """``measure_readout_memory`` of ``readouts`` at every ``MEMORY_SIZES`` under
+    ``FIXED_MMAP``, and at the largest size under glibc's default, each in a fresh process
+    (call it before loading data or models in this one)."""
+    fixed, default = [], []
+    for readout in readouts:
+        with environment(FIXED_MMAP):
+            fixed += [
+                in_fresh_process(measure_readout_memory, str(root), readout, n)
+                for n in MEMORY_SIZES
+            ]
+        largest = max(MEMORY_SIZES)
+        default.append(in_fresh_process(measure_readout_memory, str(root), readout, largest))
+    return fixed, default
+
+
+@contextmanager
+def environment(values: Mapping[str, str]) -> Iterator[None]:
+    """``os.environ`` updated with ``values`` (which child processes inherit), then restored."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
+
+
+def readout_cost_table(costs: Sequence[ReadoutCost]) -> list[str]:
+    """The read-out cost per stage, in inference passes, vectorised and per stage."""
+    return [
+        "### Read-out cost per stage",
+        "",
+        "Seconds of a read-out of K E1 stage embeddings over the test set divided by K x the "
+        "seconds of one inference pass (`torch.no_grad` forward) over it, quantity loss, batches "
+        f"of {READOUT_BATCH}: the read-outs run all K stages in one pass vectorised over the "
+        "stages (`torch.func.vmap`); the per-stage loop is one pass per stage (what they did "
+        "before). Aims: linear <= 2, evaluated <= 1.2 (floors: docs/scale.md).",
+        "",
+        "| model | examples | K | inference s | linear | evaluated | linear, per-stage loop | "
+        "evaluated, per-stage loop |",
+        "|---|---|---|---|---|---|---|---|",
+        *(
+            f"| {c.model} | {c.examples:,} | {c.stages} | {c.inference:.3g} | "
+            f"{c.ratio(c.linear):.3g} | {c.ratio(c.evaluated):.3g} | "
+            f"{c.ratio(c.linear_per_stage):.3g} | {c.ratio(c.evaluated_per_stage):.3g} |"
+            for c in costs
+        ),
+        "",
+    ]
+
+
+def memory_table(rows: tuple[Sequence[MemoryRow], Sequence[MemoryRow]]) -> list[str]:
+    """Peak memory of the audit's read-outs at growing test-set sizes (``readout_memory``)."""
+    fixed, default = rows
+    sizes = sorted({r.examples for r in fixed})
+    by = {(r.readout, r.examples): r for r in fixed}
+    at_default = {r.readout: r for r in default}
+    readouts = list(dict.fromkeys(r.readout for r in fixed))
+
+    def spread(readout: str) -> str:
+        peaks = [by[readout, n].peak_mib for n in sizes]
+        return f"{max(peaks) / min(peaks) - 1:.0%}" if min(peaks) > 0 else "n/a"
+
+    return [
+        f"### Read-out memory ({fixed[0].stages} E1 stage embeddings, MNIST test images tiled)",
+        "",
+        "Peak MiB: the largest rise of peak resident memory (`ru_maxrss`) during one read-out "
+        "above the memory once imports, the final model, the embeddings and the inputs "
+        f"({max(sizes) * 784 * 4 / 2**20:.0f} MiB at {max(sizes):,} images) are loaded; a "
+        f"fresh process per cell, one read-out of {READOUT_BATCH} examples first, then the "
+        f"peak is reset. Batches of {READOUT_BATCH}; per-example results are memory-mapped "
+        f"beyond {MEMMAP_ABOVE:,} numbers (`{MEMMAP_VARIABLE}`). Under glibc's allocator with a "
+        f"fixed mmap threshold (`MALLOC_MMAP_THRESHOLD_={FIXED_MMAP['MALLOC_MMAP_THRESHOLD_']}`),"
+        " so that freed batch buffers leave; the last column, glibc's default (the heap keeps "
+        "freed buffers, fragmented).",
+        "",
+        "| read-out | "
+        + " | ".join(f"{n:,} examples: peak MiB (s)" for n in sizes)
+        + f" | largest / smallest peak - 1 | {max(sizes):,}, glibc default: peak MiB |",
+        "|---|" + "---|" * (len(sizes) + 2),
+        *(
+            f"| {readout} | "
+            + " | ".join(
+                f"{by[readout, n].peak_mib:.1f} ({by[readout, n].seconds:.2g})" for n in sizes
+            )
+            + f" | {spread(readout)} | {at_default[readout].peak_mib:.1f} |"
+            for readout in readouts
+        ),
+        "",
+    ]
+
+
 def render(
     command: str,
     trajectory: str,
@@ -361,8 +581,10 @@ def render(
     throughput: Throughput,
     gradients: Sequence[GradientRow],
     text: tuple[str, Sequence[Cost], Sequence[Cost]],
+    readout_costs: Sequence[ReadoutCost] = (),
+    memory: tuple[Sequence[MemoryRow], Sequence[MemoryRow]] | None = None,
 ) -> str:
-    """The Markdown section: provenance, then the four tables."""
+    """The Markdown section: provenance, then the tables."""
     truth = next(c.seconds for c in costs if c.method == "ground truth")
     jvp = gradients[0].seconds
     lines = [
@@ -410,8 +632,10 @@ def render(
         ),
         "",
         *text_table(*text),
+        *(["", *readout_cost_table(readout_costs)] if readout_costs else []),
+        *(memory_table(memory) if memory else []),
     ]
-    return "\n".join(lines)
+    return "\n".join(lines).rstrip("\n")
 
 
 def text_table(described: str, costs: Sequence[Cost], passes: Sequence[Cost]) -> list[str]:
@@ -437,11 +661,213 @@ def text_table(described: str, costs: Sequence[Cost], passes: Sequence[Cost]) ->
     ]
 
 
-def benchmark(quick: bool, command: str) -> str:
+GROWTH_PRESET = "cost_growth"
+GROWTH_METHODS = (
+    "ground truth", "e0", "e1", "e2", "e3 (rank 5, 128 examples, end)", "e4:2", "subset:0.25",
+)  # fmt: skip
+"""What the cost-growth table times (``METHODS`` names), then the two read-outs. E3 at its
+cheap settings: at its defaults its Lanczos on a transformer costs minutes at every point."""
+
+
+@dataclass(frozen=True)
+class GrowthPoint:
+    """One size of the ``preset=cost_growth`` toxicity pipeline: the transformer's width,
+    heads, depth and feed-forward width, each stage's steps, and the test comments (their
+    identity copies double them) that the read-outs score."""
+
+    dim: int
+    heads: int
+    layers: int
+    hidden: int
+    pretrain: int
+    finetune: int
+    adapt: int
+    test: int = 200
+
+    def overrides(self) -> list[str]:
+        """The Hydra overrides of ``experiment=toxicity preset=cost_growth`` for this point."""
+        kwargs = "model.kwargs"
+        stages = "pipeline.stages"
+        return [
+            f"{kwargs}.dim={self.dim}",
+            f"{kwargs}.heads={self.heads}",
+            f"{kwargs}.layers={self.layers}",
+            f"{kwargs}.hidden={self.hidden}",
+            f"{stages}.pretrain.steps={self.pretrain}",
+            f"{stages}.finetune.steps={self.finetune}",
+            f"{stages}.adapt.steps={self.adapt}",
+            f"evaluation.data.kwargs.stop={self.test}",
+        ]
+
+
+GROWTH_GRIDS = {
+    "quick": (GrowthPoint(16, 2, 1, 32, 5, 10, 5, 50), GrowthPoint(16, 2, 1, 32, 5, 20, 5, 50)),
+    "grid": (
+        GrowthPoint(32, 2, 1, 64, 20, 100, 20),
+        GrowthPoint(64, 2, 2, 128, 20, 100, 20),
+        GrowthPoint(64, 2, 2, 128, 20, 300, 40),
+        GrowthPoint(128, 4, 2, 256, 20, 300, 40),
+    ),
+    "full": (GrowthPoint(320, 4, 6, 1280, 200, 3000, 500, 2000),),
+}
+"""Points of the cost-growth table: ``quick`` (``--quick``), ``grid`` (the default) and
+``grid`` plus the preset's full size (``--growth full``: hours on a CPU)."""
+
+
+@dataclass(frozen=True)
+class GrowthRow:
+    """One point's final-model parameters, later-stage steps (after pretraining) and the
+    seconds of each of ``GROWTH_METHODS`` and of both read-outs."""
+
+    point: GrowthPoint
+    parameters: int
+    later_steps: int
+    seconds: Mapping[str, float]
+
+
+def growth_trajectory(point: GrowthPoint) -> tuple[Path, dict[str, Any]]:
+    """The point's recorded pipeline (recorded once per configuration under ``runs/bench/``)
+    and its evaluation data reference (``target``, ``kwargs``)."""
+    overrides = ["experiment=toxicity", f"preset={GROWTH_PRESET}", *point.overrides()]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = OmegaConf.to_container(
+            compose(config_name="config", overrides=overrides), resolve=True
+        )
+    spec = PipelineSpec.from_dict(cfg["pipeline"]).to_dict()
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
+    root = CACHE / f"{GROWTH_PRESET}-{digest}"
+    if not ((root / MANIFEST).is_file() and Trajectory.open(root).complete):
+        in_fresh_process(build, spec, str(root))
+    return root, cfg["evaluation"]["data"]
+
+
+def measure_growth(root: str, data: dict[str, Any]) -> dict[str, float]:
+    """Seconds of each of ``GROWTH_METHODS`` once, then of the linear and evaluated read-outs
+    of E1's embeddings over the test data ``data`` (``target``, ``kwargs``; each after a
+    warm-up run), in this process; meant for a fresh one, data loaded before the clock."""
+    importlib.import_module("torch._dynamo")
+    traj = Trajectory.open(root)
+    for record in traj.stages:
+        load_dataset(record.data)
+    seconds = {}
+    for method in GROWTH_METHODS:
+        began = time.perf_counter()
+        METHODS[method](traj)
+        seconds[method] = time.perf_counter() - began
+    model = final_model(traj)
+    embeddings = E1().embed(traj).offsets
+    inputs, targets = load_dataset(Ref(data["target"], data["kwargs"])).tensors[:2]
+    readouts = {"linear read-out": linear_effects, "evaluated read-out": evaluated_effects}
+    for name, readout in readouts.items():
+        seconds[name] = timed(
+            lambda fn=readout: fn(model, embeddings, inputs, targets, "loss", READOUT_BATCH), 1
+        )[1]
+    return seconds
+
+
+def cost_growth(points: Sequence[GrowthPoint]) -> list[GrowthRow]:
+    """Every point recorded (or reused) and measured, each in a fresh process."""
+    rows = []
+    for point in points:
+        root, data = growth_trajectory(point)
+        traj = Trajectory.open(root)
+        size = sum(p.numel() for p in traj.build_model(len(traj.stages) - 1).parameters())
+        later = sum(r.num_steps for r in traj.stages[1:])
+        seconds = in_fresh_process(measure_growth, str(root), data)
+        rows.append(GrowthRow(point, size, later, seconds))
+    return rows
+
+
+def growth_table(rows: Sequence[GrowthRow], figure: Path) -> list[str]:
+    """The cost-growth section: per point, the truth's seconds and every method's seconds as
+    a multiple of them; and the figure's link."""
+    names = [*GROWTH_METHODS[1:], "linear read-out", "evaluated read-out"]
+    where = figure.relative_to(REPO) if figure.is_relative_to(REPO) else figure
+    return [
+        "### Cost growth: estimators against the truth as the model and the later stages grow",
+        "",
+        f"`experiment=toxicity preset={GROWTH_PRESET}` at smaller sizes (width, heads, depth, "
+        "feed-forward width and steps per stage overridden); each point's methods run once in "
+        "one fresh process; read-outs: 3 E1 stage embeddings over the point's test comments "
+        f"and their identity copies, batches of {READOUT_BATCH}. Cells: seconds, then × the "
+        "truth (retraining without every stage). Figure: "
+        f"[`{where}`]({where}); why E2 stays above the truth: `docs/scale.md`.",
+        "",
+        "| model (dim/heads/layers/hidden) | parameters | steps (pre/fine/adapt) | test | "
+        + " | ".join(["truth s", *names])
+        + " |",
+        "|---|---|---|---|---|" + "---|" * len(names),
+        *(
+            f"| {r.point.dim}/{r.point.heads}/{r.point.layers}/{r.point.hidden} | "
+            f"{r.parameters:,} | {r.point.pretrain}/{r.point.finetune}/{r.point.adapt} | "
+            f"{2 * r.point.test:,} | {r.seconds['ground truth']:.3g} | "
+            + " | ".join(
+                f"{r.seconds[n]:.3g} ({r.seconds[n] / r.seconds['ground truth']:.2g}×)"
+                for n in names
+            )
+            + " |"
+            for r in rows
+        ),
+    ]
+
+
+def growth_plot(rows: Sequence[GrowthRow], path: Path) -> None:
+    """Each method's seconds against the truth's (log-log, the diagonal is parity), and its
+    multiple of the truth by point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [*GROWTH_METHODS[1:], "linear read-out", "evaluated read-out"]
+    truth = [r.seconds["ground truth"] for r in rows]
+    order = sorted(range(len(rows)), key=truth.__getitem__)  # the left panel by the truth's
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name in names:
+        seconds = [r.seconds[name] for r in rows]
+        left.plot([truth[i] for i in order], [seconds[i] for i in order], marker="o", label=name)
+        right.plot(
+            range(len(rows)), [s / t for s, t in zip(seconds, truth, strict=True)], marker="o"
+        )
+    span = [min(truth), max(truth)]
+    left.plot(span, span, color="black", linestyle="--", linewidth=1, label="= truth")
+    left.set(xscale="log", yscale="log", xlabel="truth: retraining without every stage (s)")
+    left.set(ylabel="method (s)", title="seconds")
+    left.legend(fontsize=7)
+    right.axhline(1.0, color="black", linestyle="--", linewidth=1)
+    right.set(yscale="log", ylabel="× truth", title="multiple of the truth")
+    right.set_xticks(
+        range(len(rows)),
+        [f"{r.parameters / 1e6:.2g}M\n{r.later_steps} steps" for r in rows],
+        fontsize=7,
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def growth_section(quick: bool, growth: str) -> list[str]:
+    """The cost-growth table and figure (``docs/figures/cost_growth.png``; under ``--quick``
+    ``runs/bench/cost_growth.png``), or nothing with ``--growth off``."""
+    if growth == "off":
+        return []
+    points = GROWTH_GRIDS["quick" if quick else "grid"]
+    if growth == "full" and not quick:
+        points = (*points, *GROWTH_GRIDS["full"])
+    rows = cost_growth(points)
+    figure = (CACHE if quick else REPO / "docs" / "figures") / "cost_growth.png"
+    growth_plot(rows, figure)
+    return ["", *growth_table(rows, figure)]
+
+
+def benchmark(quick: bool, command: str, growth: str = "grid") -> str:
     """Every measurement, rendered. Child processes first, while this one is still small."""
+    growth_lines = growth_section(quick, growth)
     root = prepared_trajectory(quick)
     repeats = 1 if quick else 3
     costs = [measured_cost(method, root, repeats) for method in METHODS]
+    memory = readout_memory(root, ["evaluated"] if quick else list(READOUTS))
     text = text_costs(quick, repeats)
     traj = Trajectory.open(root)
     model = final_model(traj)
@@ -451,7 +877,15 @@ def benchmark(quick: bool, command: str) -> str:
     gradients = gradient_comparison(
         model, embeddings, inputs[:GRADIENT_EXAMPLES], targets[:GRADIENT_EXAMPLES], repeats
     )
-    return render(command, describe(traj, root, quick), repeats, costs, throughput, gradients, text)
+    readout_costs = [
+        readout_cost("stages_mnist (MLP)", model, embeddings, inputs, targets, 1 if quick else 5),
+        text_readout_cost(quick, 1 if quick else 5),
+    ]
+    described = describe(traj, root, quick)
+    section = render(
+        command, described, repeats, costs, throughput, gradients, text, readout_costs, memory
+    )
+    return "\n".join([section, *growth_lines])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -461,9 +895,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.bench", description=__doc__)
     parser.add_argument("--out", type=Path, help="Markdown file holding the two marker lines")
     parser.add_argument("--quick", action="store_true", help="preset=smoke, one repeat")
+    parser.add_argument(
+        "--growth", choices=("grid", "full", "off"), default="grid",
+        help="cost-growth table: its grid, plus the full preset=cost_growth (hours), or none",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     command = shlex.join(["python", "-m", "experiments.bench", *argv])
-    return publish(args.out, SECTION, lambda: benchmark(args.quick, command))
+    return publish(args.out, SECTION, lambda: benchmark(args.quick, command, args.growth))
 
 
 if __name__ == "__main__":

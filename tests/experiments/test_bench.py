@@ -30,7 +30,7 @@ def test_quick_run_fills_only_the_marked_section_and_refuses_a_file_without_mark
     section = text[len(BEFORE) + len(START) : -len(END + AFTER) - 1]
     assert "stale section" not in section and section.strip() in done.stdout
     assert f"python -m experiments.bench --quick --out {out}" in section
-    assert sum(line.startswith("|---") for line in section.splitlines()) == 4  # four tables
+    assert sum(line.startswith("|---") for line in section.splitlines()) == 7  # seven tables
     mnist, text = section.split("### The toxicity pipeline")
     for method in ["ground truth", "e0", "e1", "e2", "e4:2", "subset:0.25"]:
         assert f"\n| {method} | " in mnist and f"\n| {method} | " in text
