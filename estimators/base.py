@@ -4,6 +4,12 @@ A stage embedding ``SE_k`` is a parameter-shaped dict estimating ``theta_T^(-k) 
 change of the final parameters had stage k never run. It does not depend on any behaviour, so it
 is computed once and scored against any number of behaviours (see ``attribution.analysis.readout``).
 Parameters missing from an embedding have offset 0.
+
+Estimators compute on the device of ``attribution.record.compute.current()`` and hand their
+embeddings back as float64 CPU tensors, so that stored embeddings do not depend on the device
+that computed them. Embeddings that come out of training steps (``Estimator.trains``: E4, the
+subset replay, the truth) follow the compute's training dtype too: computed in bfloat16 they are
+another, approximate result, stored apart (``Compute.cache_suffix``).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import torch
 
 from attribution.record import SIGN_CONVENTION
 from attribution.record.artifacts import artifact_lock, load_artifact, save_artifact
+from attribution.record.compute import current
 from attribution.record.counterfactual import check_skippable
 from attribution.record.errors import SpecError, TrajectoryError
 from attribution.record.trajectory import Trajectory
@@ -75,13 +82,19 @@ class Estimator:
     """One estimator over one trajectory. Declare ``name``, ``requires`` (keys of
     ``EVIDENCE``) and ``Settings`` (its ``Arguments``); implement ``offsets``. Raise
     ``version`` when a change of the code changes the estimates, so stored ones are not reused.
-    ``shorthand`` names the one setting written after a colon (``e4:2``: E4 with stride 2)."""
+    ``shorthand`` names the one setting written after a colon (``e4:2``: E4 with stride 2).
+    ``trains`` says whether the embeddings come out of training steps (``train_stage``: replays,
+    retraining), which run in bfloat16 under a bfloat16 compute (``Compute.training_dtype``), so
+    that such embeddings are stored apart; True unless an estimator declares otherwise, so a new
+    estimator is never served across precisions by mistake. Estimators that read the record or
+    differentiate it in its own precision set it False."""
 
     name: ClassVar[str]
     requires: ClassVar[frozenset[str]]
     Settings: ClassVar[type[Arguments]] = Arguments
     shorthand: ClassVar[str | None] = None
     version: ClassVar[int] = 1
+    trains: ClassVar[bool] = True
 
     def __init__(self, **settings: Any) -> None:
         known = [f.name for f in fields(self.Settings)]
@@ -134,12 +147,22 @@ SCHEMA_VERSION = 1
 OFFSETS = "offsets.safetensors"
 
 
+def embeddings_folder(estimator: Estimator) -> str:
+    """Where the estimator's embeddings are stored in a trajectory's cache:
+    ``embeddings/<name>-<hash of settings and version>``, with ``Compute.cache_suffix``
+    (``-bfloat16``) for an estimator that ``trains`` under a bfloat16 compute."""
+    settings = json.dumps({**estimator.settings(), "version": estimator.version}, sort_keys=True)
+    suffix = current().cache_suffix if estimator.trains else ""
+    digest = hashlib.sha256(settings.encode()).hexdigest()[:10]
+    return f"embeddings/{estimator.name}-{digest}{suffix}"
+
+
 def stored_embeddings(estimator: Estimator, traj: Trajectory) -> tuple[StageEmbeddings, bool]:
     """The estimator's embeddings of ``traj`` and whether they were reused: computed once per
-    recording, settings and estimator version (however many processes ask at once), stored
-    with those settings under ``embeddings/<name>-<hash>/`` in the trajectory's cache."""
-    settings = json.dumps({**estimator.settings(), "version": estimator.version}, sort_keys=True)
-    folder = f"embeddings/{estimator.name}-{hashlib.sha256(settings.encode()).hexdigest()[:10]}"
+    recording, settings, estimator version and, for one that ``trains``, training precision
+    (however many processes ask at once), stored with those settings under
+    ``embeddings_folder(estimator)`` in the trajectory's cache."""
+    folder = embeddings_folder(estimator)
     stored = _stored(traj, folder, estimator)
     if stored is not None:
         return stored, True
@@ -158,6 +181,9 @@ def stored_embeddings(estimator: Estimator, traj: Trajectory) -> tuple[StageEmbe
             "counts": dict(result.counts),
             "meaning": "offset[k] estimates theta_T^(-k) - theta_T",
         }
+        if estimator.trains:
+            dtype = current().training_dtype
+            meta["training_dtype"] = "recorded" if dtype is None else current().dtype
         save_artifact(traj, folder, OFFSETS, SCHEMA, SCHEMA_VERSION, tensors, meta)
         return result, False
 
@@ -196,9 +222,14 @@ def final_buffer_names(traj: Trajectory) -> list[str]:
 
 
 def stage_displacement(
-    traj: Trajectory, k: int, names: list[str], buffers: bool | None = None
+    traj: Trajectory,
+    k: int,
+    names: list[str],
+    buffers: bool | None = None,
+    device: torch.device | str = "cpu",
 ) -> Offsets:
-    """``delta_k = theta_{t_{k-1}} - theta_{t_k}``: minus the net displacement of stage k,
+    """``delta_k = theta_{t_{k-1}} - theta_{t_k}`` (float64, on ``device``, where an
+    estimator carries it on): minus the net displacement of stage k,
     over the parameters ``names`` that exist when stage k starts and, with ``buffers`` (by
     default for the last stage only), the final model's floating-point buffers, so that the last
     stage's embedding is the exact offset of the whole state (running statistics included).
@@ -209,4 +240,8 @@ def stage_displacement(
         buffers = k == len(traj.stages) - 1
     if buffers:
         names = [*names, *(n for n in final_buffer_names(traj) if n not in names)]
-    return {n: start[n].double() - end[n].double() for n in names if n in start}
+    return {
+        n: start[n].to(device, torch.float64) - end[n].to(device, torch.float64)
+        for n in names
+        if n in start
+    }

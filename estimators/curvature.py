@@ -37,8 +37,9 @@ def curvature_product(
     """The product ``v -> C v`` of the loss curvature ``C`` at ``point`` (parameters, and
     buffers that are passed on as they are), ``kind`` one of ``CURVATURES``.
 
-    ``loss(model(inputs), targets)`` is the mean-reduced loss; tangents are cast to the point's
-    dtypes and the result keeps them.
+    ``loss(model(inputs), targets)`` is the mean-reduced loss; tangents are moved to the
+    point's devices and cast to its dtypes, and the result keeps them (the products run where
+    the point and ``inputs`` are).
     """
     if kind == "hessian":
         return hessian_product(model, point, trained, loss, inputs, targets)
@@ -112,7 +113,7 @@ def _split(
         )
     return (
         {n: point[n] for n in tangent},
-        {n: v.to(point[n].dtype) for n, v in tangent.items()},
+        {n: v.to(point[n].device, point[n].dtype) for n, v in tangent.items()},
     )
 
 
@@ -132,6 +133,7 @@ def lanczos(
     rank: int,
     iterations: int | None = None,
     seed: int = 0,
+    device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top eigenpairs ``(values [r], vectors [dim, r])`` of a symmetric operator on float64
     vectors of length ``dim``, sorted by eigenvalue descending (algebraic, not by magnitude),
@@ -141,22 +143,27 @@ def lanczos(
     ``lanczos_iterations``) from a normal start vector drawn with ``seed``. On breakdown (the
     Krylov space is invariant) it restarts from a new random vector orthogonal to the basis, so
     ``iterations = dim`` always yields the full spectrum. Columns of ``vectors`` are orthonormal.
+    The basis, the operator's vectors and the results live on ``device``; random vectors are
+    drawn on the CPU (the same on every device) and moved there.
     """
     if rank < 0 or dim < 0:
         raise StagetraceError(f"Lanczos needs rank >= 0 and dim >= 0, got {rank} and {dim}")
     rank = min(rank, dim)
     steps = lanczos_iterations(dim, rank) if iterations is None else min(iterations, dim)
     if rank == 0:
-        return torch.zeros(0, dtype=torch.float64), torch.zeros(dim, 0, dtype=torch.float64)
+        return (
+            torch.zeros(0, dtype=torch.float64, device=device),
+            torch.zeros(dim, 0, dtype=torch.float64, device=device),
+        )
     if steps < rank:
         raise StagetraceError(
             f"{steps} Lanczos iterations cannot give {rank} eigenpairs. Fix: use at least as "
             "many iterations as eigenpairs"
         )
     generator = torch.Generator().manual_seed(seed)
-    basis = torch.zeros(dim, steps, dtype=torch.float64)
-    alphas = torch.zeros(steps, dtype=torch.float64)
-    betas = torch.zeros(max(steps - 1, 0), dtype=torch.float64)
+    basis = torch.zeros(dim, steps, dtype=torch.float64, device=device)
+    alphas = torch.zeros(steps, dtype=torch.float64, device=device)
+    betas = torch.zeros(max(steps - 1, 0), dtype=torch.float64, device=device)
     q = _fresh_direction(basis[:, :0], dim, generator)
     scale = 0.0
     for i in range(steps):
@@ -181,9 +188,10 @@ def lanczos(
 
 
 def _fresh_direction(basis: torch.Tensor, dim: int, generator: torch.Generator) -> torch.Tensor:
-    """A unit vector orthogonal to ``basis``'s columns (a random normal one, projected)."""
+    """A unit vector orthogonal to ``basis``'s columns (a random normal one drawn on the CPU,
+    moved to the basis's device, projected)."""
     for _ in range(10):
-        v = torch.randn(dim, generator=generator, dtype=torch.float64)
+        v = torch.randn(dim, generator=generator, dtype=torch.float64).to(basis.device)
         for _ in range(2):
             v = v - basis @ (basis.T @ v)
         norm = float(v.norm())

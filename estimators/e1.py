@@ -13,7 +13,8 @@ stage's recorded final second moment (an approximation: the gradients of every s
 needed for the exact curvature-free answer). Adam moment offsets handed over under ``carry`` are
 ignored (they need the gradient trajectory; E2 carries them). Parameters a later stage
 re-initialises get offset 0; adapter parameters a later stage adds start at offset 0; frozen
-parameters keep their offset.
+parameters keep their offset. Carried in float64 on the current compute's device (the recorded
+optimizer state is moved there as it is used), handed back on the CPU.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from attribution.record.compute import current, to_cpu
 from attribution.record.errors import TrajectoryError
 from attribution.record.optim import OptimizerState
 from attribution.record.pipeline import reinitialised
@@ -38,26 +40,28 @@ class E1(Estimator):
     requires = frozenset(
         {"boundary_checkpoints", "learning_rates", "optimizer_hyperparameters", "optimizer_state"}
     )
+    trains = False
 
     def offsets(self, traj: Trajectory, counts: dict[str, int]) -> dict[str, Offsets]:
-        names = final_parameter_names(traj)
+        names, device = final_parameter_names(traj), current().torch_device
         stages = [LaterStage.of(traj, j) for j in range(len(traj.stages))]
         out = {}
         for k, record in enumerate(traj.stages):
-            offset, buffers = stage_displacement(traj, k, names), handed_buffers(traj, k)
+            offset = stage_displacement(traj, k, names, device=device)
+            buffers = handed_buffers(traj, k, device)
             for stage in stages[k + 1 :]:
                 offset, buffers = stage.carry(offset, buffers)
-            out[record.name] = offset
+            out[record.name] = to_cpu(offset)
         return out
 
 
-def handed_buffers(traj: Trajectory, k: int) -> Offsets:
-    """Momentum-buffer offsets handed to stage k+1 when stage k is skipped (what ``carry``
-    passes on; nothing under ``reset``)."""
+def handed_buffers(traj: Trajectory, k: int, device: torch.device | str = "cpu") -> Offsets:
+    """Momentum-buffer offsets (float64, on ``device``) handed to stage k+1 when stage k is
+    skipped (what ``carry`` passes on; nothing under ``reset``)."""
     if k + 1 >= len(traj.stages) or traj.stages[k + 1].optimizer_policy != "carry":
         return {}
     return {
-        name: slots["momentum_buffer"].double()
+        name: slots["momentum_buffer"].to(device, torch.float64)
         for name, slots in handed_state(traj, k).items()
         if "momentum_buffer" in slots
     }
@@ -164,7 +168,7 @@ def _adam(
     (beta1, beta2), eps, lam = hyper["betas"], hyper["eps"], hyper["weight_decay"]
     step0 = float(start["step"]) if "step" in start else 0.0
     bias2 = 1.0 - beta2 ** float(end["step"])
-    denom = (end["exp_avg_sq"].double() / bias2).sqrt() + eps
+    denom = (end["exp_avg_sq"].to(a0.device, torch.float64) / bias2).sqrt() + eps
     a, m = a0.clone(), torch.zeros_like(a0)
     for t, eta in enumerate(rates):
         m = beta1 * m + (1.0 - beta1) * lam * a

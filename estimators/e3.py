@@ -37,6 +37,10 @@ group with scalar coefficients the order is immaterial (a scalar commutes with `
 with several groups of different coefficients, or coupled-decay Adam (whose E1 factor differs per
 element), the two factors do not commute and the product is an approximation. Momentum-buffer
 offsets handed on under ``carry`` get E1's coefficients only.
+
+Device: the curvature products (in the model's own precision), Lanczos and the carried offsets
+run on the current compute's device; the random start vectors are drawn on the CPU, so every
+device starts from the same ones. The embeddings are handed back on the CPU.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from typing import Any
 
 import torch
 
+from attribution.record.compute import current, on_device, to_cpu
 from attribution.record.errors import SpecError, StagetraceError
 from attribution.record.references import load_dataset, loss_function
 from attribution.record.trajectory import StageRecord, Trajectory
@@ -108,16 +113,17 @@ class E3(Estimator):
         }
     )
     Settings = E3Arguments
+    trains = False
 
     def offsets(self, traj: Trajectory, counts: dict[str, int]) -> dict[str, Offsets]:
-        names = final_parameter_names(traj)
+        names, device = final_parameter_names(traj), current().torch_device
         counts.setdefault("hvps", 0)
         carried: dict[str, tuple[Offsets, Offsets]] = {}  # skipped stage -> offsets in flight
         for j in range(1, len(traj.stages)):
             k = j - 1
             carried[traj.stages[k].name] = (
-                stage_displacement(traj, k, names),
-                handed_buffers(traj, k),
+                stage_displacement(traj, k, names, device=device),
+                handed_buffers(traj, k, device),
             )
             optimizer = LaterStage.of(traj, j)
             curvature = StageCurvature.of(traj, j, self.arguments, counts)
@@ -126,7 +132,7 @@ class E3(Estimator):
                 carried[stage] = (curvature.carry(offset, counts), buffers)
         last = len(traj.stages) - 1
         out = {
-            s: {n: v.double() for n, v in offset.items() if n in names}
+            s: to_cpu({n: v.double() for n, v in offset.items() if n in names})
             for s, (offset, _) in carried.items()
         }
         out[traj.stages[last].name] = stage_displacement(traj, last, names)
@@ -159,17 +165,26 @@ class StageCurvature:
     def of(
         cls, traj: Trajectory, j: int, settings: E3Arguments, counts: dict[str, int]
     ) -> StageCurvature:
-        """Read stage j's checkpoints, sample and step mass, and find A's top eigenpairs."""
+        """Read stage j's checkpoints, sample and step mass, and find A's top eigenpairs, on
+        the current compute's device (the points hold the buffers too, so that the module's
+        own, on the CPU, are never used)."""
+        device = current().torch_device
         start = TrainingStart.of(traj, j)
         record, model = start.record, start.model
         trained = list(record.trainable)
         end = traj.checkpoint(j, "end")
+        buffers = dict(model.named_buffers())
         points = {
-            "start": [dict(start.params)],
-            "end": [{n: end[n] for n, _ in (*model.named_parameters(), *model.named_buffers())}],
+            "start": [on_device({**buffers, **start.params}, cast=False)],
+            "end": [
+                on_device(
+                    {n: end[n] for n, _ in (*model.named_parameters(), *model.named_buffers())},
+                    cast=False,
+                )
+            ],
         }
         points["both"] = points["start"] + points["end"]
-        inputs, targets = _sample(record, settings.sample, settings.seed)
+        inputs, targets = (t.to(device) for t in _sample(record, settings.sample, settings.seed))
         loss = loss_function(record.loss)
         products = [
             curvature_product(settings.curvature, model, point, trained, loss, inputs, targets)
@@ -177,15 +192,15 @@ class StageCurvature:
         ]
         shapes = {n: start.params[n].shape for n in trained}
         mass = step_mass(traj, j, shapes)
-        root_mass = torch.cat([mass[n].reshape(-1) for n in shapes]).sqrt()
-        none = torch.zeros(0, dtype=torch.float64)
+        root_mass = torch.cat([mass[n].reshape(-1) for n in shapes]).sqrt().to(device)
+        none = torch.zeros(0, dtype=torch.float64, device=device)
         stage = cls(
             products,
             frozenset(start.params),
             shapes,
             root_mass,
             none,
-            torch.zeros(len(root_mass), 0, dtype=torch.float64),
+            torch.zeros(len(root_mass), 0, dtype=torch.float64, device=device),
         )
         if settings.rank == 0:
             return stage
@@ -193,7 +208,9 @@ class StageCurvature:
         def operator(v: torch.Tensor) -> torch.Tensor:
             return root_mass * stage.curvature(stage.unflatten(root_mass * v), counts)
 
-        values, vectors = lanczos(operator, len(root_mass), settings.rank, seed=settings.seed)
+        values, vectors = lanczos(
+            operator, len(root_mass), settings.rank, seed=settings.seed, device=device
+        )
         keep = values > 0
         return dataclasses.replace(stage, values=values[keep], vectors=vectors[:, keep])
 

@@ -20,6 +20,10 @@ to ``mu**stride`` would (that needs a larger rate for the same distance). Adam's
 normalised, so there the moments' horizon is kept instead: ``beta -> beta**stride``. Decoupled
 weight decay keeps its total shrinkage (to first order) through the summed rate. A coarse replay
 that diverges is reported with the advice to lower the stride.
+
+The replays run on the current compute (``retrain_after``: its device, in bfloat16 under a
+bfloat16 compute) and come back on the CPU; embeddings computed in bfloat16 are stored apart
+(``Estimator.trains``).
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ class E4(Estimator):
     Settings = E4Arguments
     shorthand = "stride"
     version = 2  # embeddings hold floating-point buffers
+    trains = True  # the replays follow Compute.training_dtype
 
     @property
     def stride(self) -> int:

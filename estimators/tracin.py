@@ -20,6 +20,11 @@ one evaluator's (``attribution.record.evaluation``: eval mode, the checkpoint's 
 
 Cost per stage and checkpoint: one gradient of the training loss on one batch, and one
 forward-mode jvp of the per-example quantities per batch of examples (never an N x p matrix).
+
+Both run on the current compute's device: the gradient in the model's own precision, the jvp as
+every read-out does (``ModelAt.placed``: in bfloat16 under a bfloat16 compute). States are loaded
+and entry actions applied on the CPU (the recorded generator), and the effects come back as
+float64 CPU tensors.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from attribution.record.compute import current
 from attribution.record.errors import StagetraceError
 from attribution.record.evaluation import ModelAt, directional
 from attribution.record.pipeline import fetch_batch, reinitialise
@@ -67,6 +73,7 @@ def stage_tracin(
     if not len(targets):
         raise StagetraceError("stage TracIn got no examples. Fix: pass at least one example")
     began = time.perf_counter()
+    device = current().torch_device
     effects, used = {}, {}
     for k, record in enumerate(traj.stages):
         log = traj.steps(k)
@@ -81,7 +88,7 @@ def stage_tracin(
         for c, stop in zip(starts, [*starts[1:], log.num_steps], strict=True):
             _load_state_before(model, traj, k, c)
             at = ModelAt.of(evaluator, snapshot(model))  # before training mode moves buffers
-            movement = _movement(model, record, log, c, stop)
+            movement = _movement(model, record, log, c, stop, device)
             total += directional(at, movement, inputs, targets, quantity, batch_size)
         effects[record.name] = total
         used[record.name] = len(starts)
@@ -99,17 +106,29 @@ def _load_state_before(model: nn.Module, traj: Trajectory, k: int, t: int) -> No
 
 
 def _movement(
-    model: nn.Module, record: StageRecord, log: StepLog, c: int, stop: int
+    model: nn.Module,
+    record: StageRecord,
+    log: StepLog,
+    c: int,
+    stop: int,
+    device: torch.device,
 ) -> dict[str, Tensor]:
-    """``Delta_c = -m_c * g_c`` per trainable parameter: the stage's loss gradient on step c's
-    batch at the model's current state, times minus its group's summed rate over [c, stop)."""
-    params = dict(model.named_parameters())
-    trainable = set(record.trainable)
-    for name, p in params.items():
-        p.requires_grad_(name in trainable)
-    inputs, targets = fetch_batch(load_dataset(record.data), log.batch(c))
-    loss = loss_function(record.loss)(model(inputs), targets)
-    names = list(record.trainable)
-    grads = dict(zip(names, torch.autograd.grad(loss, [params[n] for n in names]), strict=True))
+    """``Delta_c = -m_c * g_c`` per trainable parameter (on ``device``): the stage's loss
+    gradient on step c's batch at the model's current state, times minus its group's summed
+    rate over [c, stop). The model runs on ``device`` and is handed back on the CPU."""
+    model.to(device)
+    try:
+        params = dict(model.named_parameters())
+        trainable = set(record.trainable)
+        for name, p in params.items():
+            p.requires_grad_(name in trainable)
+        batch = fetch_batch(load_dataset(record.data), log.batch(c))
+        inputs, targets = (t.to(device) for t in batch)
+        loss = loss_function(record.loss)(model(inputs), targets)
+        names = list(record.trainable)
+        grads = torch.autograd.grad(loss, [params[n] for n in names])
+    finally:
+        model.to("cpu")
+    by_name = dict(zip(names, grads, strict=True))
     mass = log.lr[c:stop].sum(0).tolist()
-    return {n: -m * grads[n] for g, m in zip(record.groups, mass, strict=True) for n in g.params}
+    return {n: -m * by_name[n] for g, m in zip(record.groups, mass, strict=True) for n in g.params}

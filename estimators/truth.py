@@ -8,6 +8,10 @@ the same read-outs, labels and result files as the estimators, when retraining i
 Under torchrun the retrainings are shared out by stage before the embeddings are asked for
 (``counterfactual.skip_stages``, as ``validate`` does), so that here every rank only reads them:
 embeddings are computed under the cache's lock, where no collective may run (docs/scale.md).
+
+The retrainings run on the current compute and come back on the CPU; under a bfloat16 compute
+they, and so these embeddings, are the approximate bfloat16 truth, stored apart
+(``Estimator.trains``).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from estimators.base import EVIDENCE, Estimator, Offsets, final_buffer_names, fi
 class Truth(Estimator):
     name = "truth"
     requires = frozenset(EVIDENCE)
+    trains = True  # the retrainings follow Compute.training_dtype
 
     def offsets(self, traj: Trajectory, counts: dict[str, int]) -> dict[str, Offsets]:
         names = [*final_parameter_names(traj), *final_buffer_names(traj)]

@@ -25,7 +25,8 @@ Cost: for stage k and every later stage, one forward replay (a gradient per step
 reverse one gradient plus its vjp (a Hessian-vector product) and one vjp of the step per step;
 stage k adds one jvp per step. Memory: the trained parameters and the optimizer state before
 every step of the stage being pulled back through (``num_steps x (trained parameters + state)``
-numbers), plus one step's activations; never an N x p matrix.
+numbers), plus one step's activations; never an N x p matrix. The steps run where
+``estimators.stages`` runs them; the scores come back as float64 CPU tensors.
 """
 
 from __future__ import annotations
@@ -133,7 +134,7 @@ def example_scores(
             return per_example(functional_call(start.model, {**params, **part}, (inputs,)), targets)
 
         _, slopes = jvp(losses, ({n: params[n] for n in trained},), (adjoint_g,))
-        scores.index_add_(0, log.batch(t), slopes.detach().double() / len(targets))
+        scores.index_add_(0, log.batch(t), slopes.detach().to("cpu", torch.float64) / len(targets))
         counts["jvps"] += 1
 
     start.pull_back(adjoint, adjoint_state, counts, score)

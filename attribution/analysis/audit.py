@@ -3,6 +3,8 @@
 Effects follow the project's sign convention, effect_k(f) = f(theta_T) - f(theta_T^(-k)): for
 a loss, a positive effect means stage k raised it (blame), a negative one lowered it (credit).
 Validation of the estimators against real skip-stage retraining: ``attribution.analysis.validate``.
+Embeddings and read-outs run on the compute of ``attribution.record.compute.current()`` and
+come back on the CPU (docs/scale.md, "Devices and precision").
 """
 
 from __future__ import annotations

@@ -11,7 +11,9 @@ have offset 0). With the project's sign convention effect_k(f) = f(theta_T) - f(
 - evaluated: effect_k(f) ~= f(theta_T) - f(theta_T + SE_k), all K + 1 parameter sets in one
   vectorised forward pass (``values_along``); exact whenever SE_k is.
 
-The final model is a ``ModelAt`` (eval mode, its checkpoint's buffers). Both read-outs run per
+The final model is a ``ModelAt`` (eval mode, its checkpoint's buffers). Both read-outs run on
+the device of ``attribution.record.compute.current()``, in its dtype where that is not float32
+(``ModelAt.placed``: a bfloat16 read-out is a cheaper approximation; docs/scale.md), and per
 example in batches of ``batch_size`` examples, so memory is bounded by one batch's forward pass
 for K + 1 parameter sets (never an N x p matrix of per-example gradients), and return
 per-example effects ([N] float64, in the units of the quantity; memory-mapped beyond
@@ -26,8 +28,15 @@ import torch
 from torch import Tensor
 
 from attribution.analysis.behaviors import Behavior
+from attribution.record.compute import current
 from attribution.record.errors import StagetraceError
-from attribution.record.evaluation import ModelAt, batched, derivatives_along, values_along
+from attribution.record.evaluation import (
+    ModelAt,
+    batched,
+    derivatives_along,
+    evaluation_dtype,
+    values_along,
+)
 
 Embeddings = Mapping[str, Mapping[str, Tensor]]
 
@@ -52,7 +61,16 @@ def linear_effects(
     def effects(x: Tensor, y: Tensor) -> Tensor:
         return -along(x, y)
 
-    out = batched(effects, inputs, targets, batch_size, model.device, len(checked), memmap_above)
+    out = batched(
+        effects,
+        inputs,
+        targets,
+        batch_size,
+        current().torch_device,
+        len(checked),
+        memmap_above,
+        evaluation_dtype(),
+    )
     return dict(zip(checked, out, strict=True))
 
 
@@ -78,7 +96,16 @@ def evaluated_effects(
             values = along(x, y).to(torch.float64)
         return values[0] - values[1:]
 
-    out = batched(effects, inputs, targets, batch_size, model.device, len(checked), memmap_above)
+    out = batched(
+        effects,
+        inputs,
+        targets,
+        batch_size,
+        current().torch_device,
+        len(checked),
+        memmap_above,
+        evaluation_dtype(),
+    )
     return dict(zip(checked, out, strict=True))
 
 
@@ -99,8 +126,9 @@ def behaviour_effects(
 
 
 def _checked(model: ModelAt, embeddings: Embeddings) -> dict[str, dict[str, Tensor]]:
-    """Embeddings on the model's device (float64), after checking names, shapes and values:
-    offsets may address the final model's parameters and floating-point buffers."""
+    """Embeddings on the model's device (float64; the read-outs place them on the compute's),
+    after checking names, shapes and values: offsets may address the final model's parameters
+    and floating-point buffers."""
     point = model.point
     checked = {}
     for stage, embedding in embeddings.items():

@@ -24,6 +24,11 @@ ranks by stage, and every evaluation and read-out by contiguous batches of the b
 examples, gathered in order: every rank gets the result one process would (docs/scale.md).
 Estimators are computed whole (replicated, or once under the cache's lock).
 
+Retrainings, estimators, the truth's evaluations and the read-outs all run on the compute of
+``attribution.record.compute.current()`` (device, and dtype: a bfloat16 compute gives the
+approximate bfloat16 truth and read-outs) and hand their results back on the CPU (docs/scale.md,
+"Devices and precision").
+
 Sign convention: effect_k(f) = f(theta_T) - f(theta_T^(-k)).
 """
 

@@ -8,6 +8,14 @@ A model is always evaluated in eval mode with the buffers of the checkpoint it s
 (BatchNorm running statistics, ...): dropout is off and normalisation uses the recorded
 statistics, so the same checkpoint gives the same numbers every time.
 
+Evaluations and read-outs run where ``attribution.record.compute.current()`` says
+(``ModelAt.placed``): on its device, and in its dtype unless that is ``float32``, the default,
+which evaluates in the model's own precision. Under ``bfloat16`` the forward pass and its jvp run
+in bfloat16 (parameters, tangents and floating inputs cast; the quantity itself is taken from
+the logits in float32, as autocast does); under ``float64`` in float64. Results always come back
+as float64 CPU tensors. A ``ModelAt`` itself holds its checkpoint as given (the CPU, recorded
+precision): placing is done per evaluation.
+
 Units: ``loss`` is cross-entropy in nats; ``margin`` is the true-class logit minus the largest
 other logit, in logit units; ``correct`` is 1.0 where the largest logit is the true class's, else
 0.0 (not differentiable; for accuracies).
@@ -31,6 +39,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jvp, vmap
 from torch.overrides import TorchFunctionMode
 
+from attribution.record.compute import Compute, current, on_device
 from attribution.record.errors import SpecError, StagetraceError
 from attribution.record.trajectory import Trajectory, load_state
 
@@ -74,6 +83,19 @@ class ModelAt:
     def device(self) -> torch.device:
         return next(iter(self.params.values()), torch.zeros(0)).device
 
+    def placed(self, compute: Compute | None = None) -> ModelAt:
+        """This model where evaluations run (``compute``, default ``current()``): its parameters
+        and buffers on the compute's device, floating ones in ``evaluation_dtype(compute)``
+        (the model's own precision under float32). Tensors already there are not copied, so on
+        the CPU in float32 this is the same model."""
+        compute = current() if compute is None else compute
+        cast = evaluation_dtype(compute) is not None
+        return ModelAt(
+            self.module,
+            on_device(self.params, compute, cast=cast),
+            on_device(self.buffers, compute, cast=cast),
+        )
+
     def moved(self, offsets: Mapping[str, Tensor]) -> ModelAt:
         """The model at ``point + offsets`` (names of ``point``; others stay): added in float64
         and stored in each tensor's dtype, so the offset of two checkpoints lands exactly."""
@@ -103,15 +125,26 @@ class ModelAt:
     def values(
         self, inputs: Tensor, targets: Tensor, measure: str, batch_size: int = 512
     ) -> Tensor:
-        """The per-example ``measure`` [N] float64 on the CPU, without gradients, in batches."""
+        """The per-example ``measure`` [N] float64 on the CPU, without gradients, in batches,
+        run on the current compute (``placed``)."""
+        placed = self.placed()
         with torch.no_grad():
             return batched(
-                partial(per_example, self, {}, quantity=measure),
+                partial(per_example, placed, {}, quantity=measure),
                 inputs,
                 targets,
                 batch_size,
-                self.device,
+                placed.device,
+                dtype=evaluation_dtype(),
             )
+
+
+def evaluation_dtype(compute: Compute | None = None) -> torch.dtype | None:
+    """The dtype evaluations and read-outs run in under ``compute`` (default ``current()``):
+    None, the model's own precision, under float32 (the default); otherwise the compute's
+    dtype (bfloat16: cheaper and approximate; float64: more precise)."""
+    compute = current() if compute is None else compute
+    return None if compute.dtype == "float32" else compute.torch_dtype
 
 
 def final_model(traj: Trajectory) -> ModelAt:
@@ -128,11 +161,14 @@ def per_example(
 
     ``loss``: cross-entropy in nats; ``margin``: true-class logit minus the largest other logit;
     ``correct``: 1.0 or 0.0. Differentiable in ``point`` (works under ``torch.func``) for the
-    first two.
+    first two. Logits of a lower precision than float32 (a bfloat16 model) are taken to float32
+    first, as autocast does for the loss.
     """
     if quantity not in MEASURES:
         raise SpecError("quantity", f"unknown quantity {quantity!r}", f"use one of {QUANTITIES}")
     logits = model.logits(inputs, point)
+    if logits.is_floating_point() and logits.element_size() < 4:
+        logits = logits.float()
     if quantity == "loss":
         return F.cross_entropy(logits, targets, reduction="none")
     if quantity == "correct":
@@ -151,13 +187,16 @@ def directional(
     batch_size: int = 512,
 ) -> Tensor:
     """<grad f_i(point), tangent> for every example's ``quantity`` f_i: one forward-mode jvp per
-    batch, [N] float64 on the CPU. ``tangent`` covers any subset of ``model.point`` (the rest
-    is held fixed) and is cast to each coordinate's dtype and device. Floating buffers are
-    differentiated too: eval-mode BatchNorm is then run as its explicit formula, since torch's
-    kernel refuses a derivative along running statistics. Several tangents at once:
-    ``derivatives_along``."""
-    along = derivatives_along(model, [tangent], quantity)
-    return batched(along, inputs, targets, batch_size, model.device, rows=1)[0]
+    batch, [N] float64 on the CPU, run on the current compute (``ModelAt.placed``). ``tangent``
+    covers any subset of ``model.point`` (the rest is held fixed) and is cast to each
+    coordinate's dtype and device. Floating buffers are differentiated too: eval-mode BatchNorm
+    is then run as its explicit formula, since torch's kernel refuses a derivative along running
+    statistics. Several tangents at once: ``derivatives_along``."""
+    placed = model.placed()
+    along = derivatives_along(placed, [tangent], quantity)
+    return batched(
+        along, inputs, targets, batch_size, placed.device, rows=1, dtype=evaluation_dtype()
+    )[0]
 
 
 def derivatives_along(
@@ -172,7 +211,10 @@ def derivatives_along(
     ``model.point``; the vmapped pass covers the union of their names, zero where one lacks a
     name). Falls back to one jvp per tangent where vmap cannot run the model (an operation
     without a batching rule, such as an ``autograd.Function`` without a vmap rule, or too
-    little memory for K tangents' activations): the same numbers at the per-stage cost."""
+    little memory for K tangents' activations): the same numbers at the per-stage cost. The
+    model is placed on the current compute first (``ModelAt.placed``); inputs go there too
+    (``batched`` with ``evaluation_dtype()``)."""
+    model = model.placed()
     point = model.point
     for tangent in tangents:
         unknown = sorted(set(tangent) - set(point))
@@ -227,16 +269,21 @@ def values_along(
     Falls back to one forward pass per set where vmap cannot run the model (as
     ``derivatives_along``, and control flow that reads a parameter's value, e.g. ``.item()``).
     Dropout is off and BatchNorm uses each set's running statistics (eval mode), as in K
-    separate passes."""
+    separate passes. The sets are formed as ``moved`` forms them, in the model's own precision
+    where it is, and then placed on the current compute (``ModelAt.placed``): a bfloat16 set is
+    that set rounded to bfloat16, not a bfloat16 theta plus the offset. Inputs go there too
+    (``batched`` with ``evaluation_dtype()``)."""
+    placed = model.placed()
     point = model.point
     names = [n for n in point if any(n in o for o in offsets)]
     moved = [model.moved(offset).point for offset in offsets]
     stacked = {n: torch.stack([m[n] for m in moved]) for n in names}
     del moved
+    stacked = on_device(stacked, cast=evaluation_dtype() is not None)
     points = [{n: s[k] for n, s in stacked.items()} for k in range(len(offsets))]  # views
 
     def one(at: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        return per_example(model, at, x, y, measure)
+        return per_example(placed, at, x, y, measure)
 
     def all_at_once(x: Tensor, y: Tensor) -> Tensor:
         return vmap(one, in_dims=(0, None, None))(stacked, x, y)
@@ -311,11 +358,14 @@ def batched(
     device: torch.device,
     rows: int | None = None,
     memmap_above: int | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
     """``fn(inputs, targets)``, run on ``device`` over batches of at most ``batch_size``
     examples (memory: one batch's forward pass) and written batch by batch into one float64
     CPU tensor: [N] (``fn`` gives [b]) or, with ``rows``, [rows, N] (``fn`` gives [rows, b]).
-    The result is memory-mapped beyond ``memmap_above`` numbers (``allocate``)."""
+    With ``dtype``, floating inputs are cast to it (``evaluation_dtype``); integer inputs (token
+    ids) and the targets keep theirs. The result is memory-mapped beyond ``memmap_above``
+    numbers (``allocate``)."""
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise StagetraceError(
             f"batch_size {batch_size!r} is not a positive integer. Fix: give the number of "
@@ -323,8 +373,10 @@ def batched(
         )
     n = len(targets)
     out = allocate((n,) if rows is None else (rows, n), memmap_above)
+    cast = dtype if dtype is not None and inputs.is_floating_point() else inputs.dtype
     for i in range(0, n, batch_size):
-        part = fn(inputs[i : i + batch_size].to(device), targets[i : i + batch_size].to(device))
+        x = inputs[i : i + batch_size].to(device, cast)
+        part = fn(x, targets[i : i + batch_size].to(device))
         out[..., i : i + batch_size] = part.detach().to("cpu", torch.float64)
     return out
 
