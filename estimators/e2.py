@@ -18,6 +18,11 @@ Approximations: optimizer state whose structure differs between the two worlds (
 exists in one and not the other when a skipped stage changes what ``carry`` hands over) is
 linearised around the recorded world with a zero offset; the Adam step count carries no offset.
 Trainable parameters that receive no gradient are updated as if their gradient were zero.
+
+Device: the replays and tangents run on the current compute's device (``estimators.stages``),
+in the recorded precision whatever the compute's dtype (E2 differentiates the recorded
+computation, it does not retrain: ``trains`` is False, its embeddings are shared by every
+dtype); the embeddings come back as float64 CPU tensors.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch.func import jvp, vmap
 
+from attribution.record.compute import current, to_cpu
 from attribution.record.trajectory import Trajectory
 from estimators.base import EVIDENCE, Estimator, Offsets, final_parameter_names, stage_displacement
 from estimators.functional import Params, State
@@ -37,6 +43,7 @@ class E2(Estimator):
     name = "e2"
     version = 3  # offsets batched through a written-out optimizer tangent (round-off changes)
     requires = frozenset(EVIDENCE)
+    trains = False
 
     def offsets(self, traj: Trajectory, counts: dict[str, int]) -> dict[str, Offsets]:
         return propagate(traj, counts, batched=True)
@@ -50,11 +57,14 @@ def propagate(traj: Trajectory, counts: dict[str, int], batched: bool = True) ->
     stacked offsets, ``StepRule.tangent``); otherwise one jvp per offset and step, the
     per-stage reference. A model that ``vmap`` cannot run (random operations in its forward)
     falls back to the per-offset jvps, counted as ``unbatched_steps``."""
-    names = final_parameter_names(traj)
+    names, device = final_parameter_names(traj), current().torch_device
     carried: dict[str, tuple[Params, State]] = {}  # skipped stage -> offsets in flight
     for j in range(1, len(traj.stages)):
         k = j - 1
-        carried[traj.stages[k].name] = (stage_displacement(traj, k, names), handed_state(traj, k))
+        carried[traj.stages[k].name] = (
+            stage_displacement(traj, k, names, device=device),
+            handed_state(traj, k, device),
+        )
         stage = TrainingStart.of(traj, j)
         live = {s: stage.enter(dtheta, ds) for s, (dtheta, ds) in carried.items()}
         tangents = _stack(list(live.values()))
@@ -74,8 +84,10 @@ def propagate(traj: Trajectory, counts: dict[str, int], batched: bool = True) ->
             counts["tangent_steps"] = counts.get("tangent_steps", 0) + len(live)
         carried = dict(zip(live, _unstack(tangents, len(live)), strict=True))
     last = len(traj.stages) - 1
-    out = {s: {n: v.double() for n, v in dtheta.items()} for s, (dtheta, _) in carried.items()}
-    out[traj.stages[last].name] = stage_displacement(traj, last, names)
+    out = {
+        s: to_cpu({n: v.double() for n, v in dtheta.items()}) for s, (dtheta, _) in carried.items()
+    }
+    out[traj.stages[last].name] = to_cpu(stage_displacement(traj, last, names, device=device))
     return out
 
 
@@ -115,14 +127,15 @@ def adjoint_effects(
     """Linear read-out of E2 for one scalar behaviour, by pulling its gradient back through
     every later step (vjp): effect_k = -<adjoint at stage k's end, (delta_k, ds_k)>.
 
-    ``behaviour`` maps the final parameters (dict) to a 0-dim tensor.
+    ``behaviour`` maps the final parameters (dict, on the CPU as recorded) to a 0-dim tensor;
+    the pass runs on the current compute's device (``estimators.stages.adjoints``).
     """
-    names = final_parameter_names(traj)
+    names, device = final_parameter_names(traj), current().torch_device
     effects = {}
     for k, adjoint, adjoint_state in adjoints(traj, behaviour, counts={}):
-        state_offset = handed_state(traj, k)  # meets an empty adjoint unless k+1 carries
+        state_offset = handed_state(traj, k, device)  # meets an empty adjoint unless k+1 carries
         effects[traj.stages[k].name] = -(
-            _dot(adjoint, stage_displacement(traj, k, names))
+            _dot(adjoint, stage_displacement(traj, k, names, device=device))
             + sum(_dot(adjoint_state.get(n, {}), slots) for n, slots in state_offset.items())
         )
     return effects

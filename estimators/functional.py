@@ -98,8 +98,9 @@ class StepRule:
 
     def init_state(self, params: Params, state: State) -> State:
         """Complete state of every trained parameter that has slots: its entry in ``state`` if
-        there is one (as it is), else zeros (``step`` 0), which is where torch starts Adam and,
-        with ``fresh``, SGD momentum. Entries of untrained parameters are dropped."""
+        there is one (as it is), else zeros like the parameter (its device and dtype; ``step`` a
+        float32 CPU 0, where torch keeps the count), which is where torch starts Adam and, with
+        ``fresh``, SGD momentum. Entries of untrained parameters are dropped."""
         out: State = {}
         for name in self.hyper:
             slots = self.slots(name)

@@ -5,6 +5,12 @@ over, and the one reverse (adjoint) pass through a stage's recorded steps.
 Adjoints follow the recorded world: re-initialised and newly added parameters take no adjoint
 back across their stage's entry (their values did not come from earlier), and the optimizer
 state's adjoint crosses a boundary only under the ``carry`` policy.
+
+Device: a stage's steps run on the device of ``attribution.record.compute.current()`` (read
+when ``TrainingStart.of`` builds the stage), in the recorded precision: the entry actions are
+applied on the CPU first (they draw from the CPU generator, as in the recording), then the
+module (parameters and buffers), the optimizer state and every batch are placed there. Adam's
+step counts stay CPU scalars, as torch keeps them. Callers hand their results back on the CPU.
 """
 
 from __future__ import annotations
@@ -12,11 +18,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vjp
 
+from attribution.record.compute import current
 from attribution.record.pipeline import carried_state, fetch_batch, reinitialise, reinitialised
 from attribution.record.references import load_dataset, loss_function
 from attribution.record.trajectory import StageRecord, StepLog, Trajectory
@@ -28,29 +36,31 @@ Scorer = Callable[[int, Params, Tensor, Tensor, Params], None]
 targets, adjoint of its gradient g_t)."""
 
 
-def handed_state(traj: Trajectory, k: int) -> State:
-    """Offset (float64) of the optimizer state in hand after stage k when k is skipped: the
-    state that existed when stage k began minus the state at its end (an entry missing in one
-    world is zero there; step counts carry no offset). Whether stage k+1 receives it is its policy's
-    business (``carried_state``)."""
+def handed_state(traj: Trajectory, k: int, device: torch.device | str = "cpu") -> State:
+    """Offset (float64, on ``device``) of the optimizer state in hand after stage k when k is
+    skipped: the state that existed when stage k began minus the state at its end (an entry
+    missing in one world is zero there; step counts carry no offset). Whether stage k+1 receives
+    it is its policy's business (``carried_state``)."""
     factual = traj.optimizer_state(k, "end")
     skipped = traj.optimizer_state(k - 1, "end") if k else {}
     out: State = {}
     for name, slots in factual.items():
         other = skipped.get(name, {})
-        out[name] = {
-            slot: (other[slot].double() if slot in other else torch.zeros_like(v.double()))
-            - v.double()
-            for slot, v in slots.items()
-            if slot != "step"
-        }
+        out[name] = {}
+        for slot, v in slots.items():
+            if slot == "step":
+                continue
+            end = v.to(device, torch.float64)
+            before = other[slot].to(device, torch.float64) if slot in other else None
+            out[name][slot] = (before if before is not None else torch.zeros_like(end)) - end
     return out
 
 
 @dataclass
 class TrainingStart:
     """Stage j as it starts training in the recorded run: model (as a function), parameters
-    after its entry actions, complete optimizer state, and its recorded steps."""
+    after its entry actions, complete optimizer state, and its recorded steps, all on
+    ``device`` (the compute's when built by ``of``; step counts excepted, CPU scalars)."""
 
     traj: Trajectory
     j: int
@@ -61,32 +71,45 @@ class TrainingStart:
     state: State
     fresh: frozenset[str]
     fresh_params: frozenset[str]
+    device: torch.device
 
     @classmethod
     def of(cls, traj: Trajectory, j: int) -> TrainingStart:
+        """Stage j on the current compute's device, in the recorded precision. The entry
+        actions run on the CPU, before anything moves (they draw from the CPU generator, as in
+        the recording); then the module's parameters and buffers (``gradient`` calls it with
+        the parameters only) and the recorded optimizer state move to the device."""
+        device = current().torch_device
         record = traj.stages[j]
         model = traj.load_model(j, "start")
         fresh_params = frozenset(reinitialised(model, record))
         reinitialise(model, record.entry, record.name)
+        model.to(device)
         params = {n: p.detach() for n, p in model.named_parameters()}
         recorded = traj.optimizer_state(j, "start")
+        placed = {
+            n: {s: v if s == "step" else v.to(device) for s, v in slots.items()}
+            for n, slots in recorded.items()
+        }
         rule = StepRule.from_record(record, [n for n, _ in model.named_parameters()])
-        state = rule.init_state(params, recorded)
-        return cls(traj, j, model, record, rule, params, state, rule.fresh(recorded), fresh_params)
+        state = rule.init_state(params, placed)
+        fresh = rule.fresh(recorded)
+        return cls(traj, j, model, record, rule, params, state, fresh, fresh_params, device)
 
     def enter(self, dtheta: Params, ds: State) -> tuple[Params, State]:
-        """Offsets entering the stage: re-initialised and new parameters restart at offset 0;
-        the state offset follows the stage's optimizer policy (zero under reset)."""
+        """Offsets entering the stage (moved to its device and dtype): re-initialised and new
+        parameters restart at offset 0; the state offset follows the stage's optimizer policy
+        (zero under reset)."""
         tangent = {
             n: torch.zeros_like(p)
             if n in self.fresh_params or n not in dtheta
-            else dtheta[n].to(p.dtype)
+            else dtheta[n].to(p.device, p.dtype)
             for n, p in self.params.items()
         }
         handed = carried_state(ds, self.record, self.model)
         tangent_state = {
             n: {
-                s: handed.get(n, {}).get(s, torch.zeros_like(v)).to(v.dtype)
+                s: handed.get(n, {}).get(s, torch.zeros_like(v)).to(v.device, v.dtype)
                 if s != "step"
                 else torch.zeros_like(v)
                 for s, v in slots.items()
@@ -109,11 +132,18 @@ class TrainingStart:
         return self.fresh if t == 0 else frozenset()
 
     def batches(self) -> Iterator[tuple[int, Tensor, Tensor, dict[str, float]]]:
-        """Each recorded step's ``(t, inputs, targets, learning rates)``."""
+        """Each recorded step's ``(t, inputs, targets, learning rates)``, the batch on the
+        stage's device."""
         log: StepLog = self.traj.steps(self.j)
         dataset = load_dataset(self.record.data)
         for t in range(log.num_steps):
-            yield t, *fetch_batch(dataset, log.batch(t)), step_lrs(self.record, log, t)
+            yield t, *self.batch(dataset, log, t), step_lrs(self.record, log, t)
+
+    def batch(self, dataset: Any, log: StepLog, t: int) -> tuple[Any, Any]:
+        """Step t's recorded ``(inputs, targets)`` on the stage's device (dtypes kept: token
+        ids stay integers)."""
+        inputs, targets = fetch_batch(dataset, log.batch(t))
+        return _placed(inputs, self.device), _placed(targets, self.device)
 
     def entering(self, adjoint: Params, adjoint_state: State) -> tuple[Params, State]:
         """Adjoints at the stage's end in its structure: zero for parameters and state entries
@@ -156,7 +186,7 @@ class TrainingStart:
         params, state = self.params, self.state
         for t in range(log.num_steps):
             history.append(({n: params[n] for n in trained}, state))
-            batch = fetch_batch(dataset, log.batch(t))
+            batch = self.batch(dataset, log, t)
             lrs = step_lrs(self.record, log, t)
             params, state = self.rule.step(
                 params, state, self.gradient(params, *batch), lrs, self.fresh_at(t)
@@ -169,7 +199,7 @@ class TrainingStart:
         for t in reversed(range(log.num_steps)):
             part, state = history.pop()
             params = {**frozen, **part}
-            inputs, targets = fetch_batch(dataset, log.batch(t))
+            inputs, targets = self.batch(dataset, log, t)
             grads, grad_pullback = vjp(
                 partial(self.gradient, inputs=inputs, targets=targets), params
             )
@@ -196,11 +226,16 @@ def adjoints(
     """The gradient of ``behaviour`` (a 0-dim function of the final parameters, buffers
     excluded) pulled back through the recorded steps: ``(k, adjoint, state adjoint)`` at the end
     of each stage k, from the last stage down to ``down_to``. The state adjoint is that of the
-    optimizer state stage k hands on (empty under ``reset``)."""
+    optimizer state stage k hands on (empty under ``reset``).
+
+    ``behaviour`` is called with the final parameters as recorded, on the CPU (where a caller's
+    module and data are), and its gradient is placed on the current compute's device, where the
+    pass runs; the adjoints come back there."""
     last = len(traj.stages) - 1
     names = set(final_parameter_names(traj))
     final = {n: v for n, v in traj.checkpoint(last, "end").items() if n in names}
-    adjoint: Params = grad(behaviour)(final)
+    device = current().torch_device
+    adjoint: Params = {n: v.to(device) for n, v in grad(behaviour)(final).items()}
     adjoint_state: State = {}
     yield last, adjoint, adjoint_state
     for j in range(last, down_to, -1):
@@ -208,3 +243,8 @@ def adjoints(
         adjoint, adjoint_state = start.pull_back(adjoint, adjoint_state, counts)
         adjoint, adjoint_state = start.across_entry(adjoint, adjoint_state)
         yield j - 1, adjoint, adjoint_state
+
+
+def _placed(x: Any, device: torch.device) -> Any:
+    """A batch tensor on ``device`` (anything else, as it is)."""
+    return x.to(device) if isinstance(x, Tensor) else x

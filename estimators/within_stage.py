@@ -41,7 +41,7 @@ from torch import Tensor
 from torch.func import functional_call, jvp
 
 from attribution.record.errors import StagetraceError
-from attribution.record.pipeline import check_indices, fetch_batch, require_batch_order
+from attribution.record.pipeline import check_indices, require_batch_order
 from attribution.record.references import load_dataset, loss_function
 from attribution.record.trajectory import StageRecord, Trajectory
 from estimators.functional import Params
@@ -122,7 +122,7 @@ def example_scores(
     start = TrainingStart.of(traj, k)
     log = traj.steps(k)
     dataset = load_dataset(record.data)
-    _check_per_example(per_example, start, *fetch_batch(dataset, log.batch(0)))
+    _check_per_example(per_example, start, *start.batch(dataset, log, 0))
     counts = {"steps": 0, "hvps": 0, "jvps": 0}
     *_, (_, adjoint, adjoint_state) = adjoints(traj, behaviour, counts, down_to=k)
     uses = example_uses(traj, k)
@@ -167,7 +167,7 @@ def _check_per_example(
     per_example: PerExampleLoss, start: TrainingStart, inputs: Tensor, targets: Tensor
 ) -> None:
     """The per-example losses must average to the recorded loss (checked on the stage's first
-    batch at its start), else the scores would be silently wrong."""
+    batch at its start, on the stage's device), else the scores would be silently wrong."""
     with torch.no_grad():
         outputs = start.model(inputs)
         values = per_example(outputs, targets)

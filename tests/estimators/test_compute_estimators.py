@@ -30,7 +30,10 @@ from attribution.record.trajectory import Trajectory, load_state
 from estimators import build, stored_embeddings
 from estimators.base import embeddings_folder
 from estimators.curvature import lanczos
+from estimators.e2 import adjoint_effects
+from estimators.stages import TrainingStart
 from estimators.tracin import tracin_effects
+from estimators.within_stage import example_scores
 from tests.attribution.tiny import make_tiny_config
 
 CUDA = torch.cuda.is_available()
@@ -46,7 +49,7 @@ ESTIMATORS = {
     "truth": {},
 }
 """Every registered estimator, E3 kept small."""
-READ_ONLY = ("e0", "e1", "e3")
+READ_ONLY = ("e0", "e1", "e2", "e3")
 """Estimators that do not train (``Estimator.trains`` False): the dtype must not change them."""
 
 BF16_PEARSON = 0.95
@@ -260,13 +263,19 @@ def test_embeddings_from_bfloat16_training_are_stored_apart_and_never_reused_as_
     )
 
 
-def test_embeddings_of_estimators_that_do_not_train_are_shared_across_dtypes(run):
-    estimator = build("e1")
+@pytest.mark.parametrize("name", ["e1", "e2"])
+def test_embeddings_of_estimators_that_do_not_train_are_shared_across_dtypes(run, name):
+    estimator = build(name, ESTIMATORS[name])
+    assert not estimator.trains
     with using(Compute("cpu", "float32")):
-        assert not stored_embeddings(estimator, Trajectory.open(run))[1]
+        exact, reused = stored_embeddings(estimator, Trajectory.open(run))
+        assert not reused
     with using(Compute("cpu", "bfloat16")):
-        assert stored_embeddings(estimator, Trajectory.open(run))[1]
-        assert not embeddings_folder(estimator).endswith("-bfloat16")
+        shared, reused = stored_embeddings(estimator, Trajectory.open(run))
+        assert reused and not embeddings_folder(estimator).endswith("-bfloat16")
+    assert_equal_offsets(shared.offsets, exact.offsets)
+    meta = json.loads((run / embeddings_folder(estimator) / "meta.json").read_text())
+    assert "training_dtype" not in meta
 
 
 # --- CUDA (where torch sees a GPU) ---------------------------------------------------------
@@ -330,3 +339,48 @@ def test_stage_tracin_and_lanczos_on_cuda_match_the_cpu(traj):
     torch.testing.assert_close(values_gpu.cpu(), torch.linalg.eigvalsh(matrix).flip(0)[:4])
     torch.testing.assert_close(values_gpu.cpu(), values, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(vectors_gpu.abs().cpu(), vectors.abs(), rtol=1e-6, atol=1e-6)
+
+
+def behaviour_of(traj: Trajectory):
+    """A behaviour as callers write it: the final module and its data on the CPU."""
+    module, (x, y) = traj.build_model(len(traj.stages) - 1), examples(traj, 50)
+
+    def f(params):
+        return F.cross_entropy(torch.func.functional_call(module, params, (x,)), y)
+
+    return f
+
+
+@needs_cuda
+def test_e2_adjoint_and_example_scores_on_cuda_match_the_cpu(traj):
+    f = behaviour_of(traj)
+    with using(Compute("cpu")):
+        effects_cpu = adjoint_effects(traj, f)
+        scores_cpu = example_scores(traj, 0, f).scores
+    with using(Compute("cuda")):
+        effects_gpu = adjoint_effects(traj, f)
+        scores_gpu = example_scores(traj, 0, f).scores
+    scale = max(abs(v) for v in effects_cpu.values())
+    for stage, effect in effects_cpu.items():
+        assert abs(effects_gpu[stage] - effect) <= CUDA_READOUT_RTOL * scale, stage
+    assert (scores_gpu.device.type, scores_gpu.dtype) == ("cpu", torch.float64)
+    assert relative({"s": scores_gpu}, {"s": scores_cpu}) <= CUDA_READOUT_RTOL
+
+
+@needs_cuda
+def test_a_training_start_on_cuda_is_the_cpu_one_moved(traj):
+    with using(Compute("cpu")):
+        on_cpu = TrainingStart.of(traj, 1)
+    with using(Compute("cuda")):
+        on_gpu = TrainingStart.of(traj, 1)
+    tensors = dict(on_gpu.model.named_buffers()) | on_gpu.params
+    assert {t.device.type for t in tensors.values()} == {"cuda"}
+    for name, value in on_cpu.params.items():  # the entry actions drew from the CPU generator
+        assert torch.equal(on_gpu.params[name].cpu(), value), name
+    for name, slots in on_cpu.state.items():
+        for slot, value in slots.items():
+            got = on_gpu.state[name][slot]
+            assert got.device.type == ("cpu" if slot == "step" else "cuda"), (name, slot)
+            assert torch.equal(got.cpu(), value), (name, slot)
+    _, inputs, targets, _ = next(on_gpu.batches())
+    assert inputs.device.type == targets.device.type == "cuda"
