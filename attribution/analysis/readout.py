@@ -22,7 +22,8 @@ per-example effects ([N] float64, in the units of the quantity; memory-mapped be
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -61,17 +62,7 @@ def linear_effects(
     def effects(x: Tensor, y: Tensor) -> Tensor:
         return -along(x, y)
 
-    out = batched(
-        effects,
-        inputs,
-        targets,
-        batch_size,
-        current().torch_device,
-        len(checked),
-        memmap_above,
-        evaluation_dtype(),
-    )
-    return dict(zip(checked, out, strict=True))
+    return _per_stage(effects, checked, inputs, targets, batch_size, memmap_above)
 
 
 def evaluated_effects(
@@ -96,6 +87,19 @@ def evaluated_effects(
             values = along(x, y).to(torch.float64)
         return values[0] - values[1:]
 
+    return _per_stage(effects, checked, inputs, targets, batch_size, memmap_above)
+
+
+def _per_stage(
+    effects: Callable[[Tensor, Tensor], Tensor],
+    checked: Mapping[str, Any],
+    inputs: Tensor,
+    targets: Tensor,
+    batch_size: int,
+    memmap_above: int | None,
+) -> dict[str, Tensor]:
+    """{stage: [N] effects}: ``effects`` run over the examples in batches on the compute's device
+    and precision, giving one row per stage of ``checked``."""
     out = batched(
         effects,
         inputs,
