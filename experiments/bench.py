@@ -515,9 +515,10 @@ def readout_cost_table(costs: Sequence[ReadoutCost]) -> list[str]:
         "",
         "Seconds of a read-out of K E1 stage embeddings over the test set divided by K x the "
         "seconds of one inference pass (`torch.no_grad` forward) over it, quantity loss, batches "
-        f"of {READOUT_BATCH}: the read-outs run all K stages in one pass vectorised over the "
-        "stages (`torch.func.vmap`); the per-stage loop is one pass per stage (what they did "
-        "before). Aims: linear <= 2, evaluated <= 1.2 (floors: docs/scale.md).",
+        f"of {READOUT_BATCH}: the linear read-out runs all K stages in one jvp vectorised over "
+        "the stages (`torch.func.vmap`), the evaluated one K + 1 plain passes (theta_T's once); "
+        "the per-stage loops: one jvp per stage, and theta_T once then one pass per stage "
+        "through `ModelAt.moved`. Aims: linear <= 2, evaluated <= 1.2 (floors: docs/scale.md).",
         "",
         "| model | examples | K | inference s | linear | evaluated | linear, per-stage loop | "
         "evaluated, per-stage loop |",

@@ -8,8 +8,8 @@ have offset 0). With the project's sign convention effect_k(f) = f(theta_T) - f(
 - linear: effect_k(f) ~= -<grad f(theta_T), SE_k>, a forward-mode jvp of the batch's
   per-example quantities along SE_k, all K stages in one jvp vectorised over the tangents
   (``attribution.record.evaluation.derivatives_along``);
-- evaluated: effect_k(f) ~= f(theta_T) - f(theta_T + SE_k), all K + 1 parameter sets in one
-  vectorised forward pass (``values_along``); exact whenever SE_k is.
+- evaluated: effect_k(f) ~= f(theta_T) - f(theta_T + SE_k), one forward pass per parameter set
+  and batch, theta_T's once for all K stages (``values_along``); exact whenever SE_k is.
 
 The final model is a ``ModelAt`` (eval mode, its checkpoint's buffers). Both read-outs run on
 the device of ``attribution.record.compute.current()``, in its dtype where that is not float32
@@ -75,10 +75,10 @@ def evaluated_effects(
     memmap_above: int | None = None,
 ) -> dict[str, Tensor]:
     """Per stage, the [N] float64 effects f(theta_T) - f(theta_T + SE_k) per example,
-    ``model`` being the final model theta_T. Per batch, ONE forward pass vectorised over the
-    K + 1 parameter sets theta_T, theta_T + SE_1, ... (``values_along``; one pass per set where
-    vmap cannot run the model), differenced in float64. Beyond ``memmap_above`` results
-    (K x N; default ``memmap_above()``) they are memory-mapped (``allocate``)."""
+    ``model`` being the final model theta_T. Per batch, one forward pass for each of the K + 1
+    parameter sets theta_T, theta_T + SE_1, ... (``values_along``), differenced in float64.
+    Beyond ``memmap_above`` results (K x N; default ``memmap_above()``) they are memory-mapped
+    (``allocate``)."""
     checked = _checked(model, embeddings)
     along = values_along(model, [{}, *checked.values()], quantity)
 

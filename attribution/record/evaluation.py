@@ -262,36 +262,31 @@ def values_along(
     """The batch function ``(x, y) -> [K, b]`` of the per-example ``measure`` of the model at
     ``point + offsets[k]`` for every k (``{}``: the checkpoint itself), for ``batched``.
 
-    The K parameter sets (each as ``ModelAt.moved`` makes it: added in float64, stored in the
-    tensor's dtype) run as ONE forward pass vectorised over the sets (``torch.func.vmap`` of
-    ``functional_call``): the same numbers as K forward passes, up to the rounding of batched
-    matrix products, with K sets of the offset tensors and K batches of activations in memory.
-    Falls back to one forward pass per set where vmap cannot run the model (as
-    ``derivatives_along``, and control flow that reads a parameter's value, e.g. ``.item()``).
-    Dropout is off and BatchNorm uses each set's running statistics (eval mode), as in K
-    separate passes. The sets are formed as ``moved`` forms them, in the model's own precision
-    where it is, and then placed on the current compute (``ModelAt.placed``): a bfloat16 set is
-    that set rounded to bfloat16, not a bfloat16 theta plus the offset. Inputs go there too
-    (``batched`` with ``evaluation_dtype()``)."""
+    One forward pass per set, so K + 1 passes for K stages and theta_T. Unlike the linear
+    read-out's tangents, the sets are not vectorised with ``torch.func.vmap``: measured in
+    ``make bench``, K plain passes were faster than one vmapped pass on both the MLP and the
+    text transformer (vmap has no batching rule for CPU attention and runs it example by
+    example), so the floor is (K + 1) / K inference passes per stage (``docs/scale.md``).
+    Dropout is off and BatchNorm uses each set's running statistics (eval mode). The sets are
+    formed as ``moved`` forms them (added in float64, stored in the tensor's dtype), in the
+    model's own precision where it is, and then placed on the current compute
+    (``ModelAt.placed``): a bfloat16 set is that set rounded to bfloat16, not a bfloat16 theta
+    plus the offset. Inputs go there too (``batched`` with ``evaluation_dtype()``)."""
     placed = model.placed()
     point = model.point
     names = [n for n in point if any(n in o for o in offsets)]
     moved = [model.moved(offset).point for offset in offsets]
-    stacked = {n: torch.stack([m[n] for m in moved]) for n in names}
+    points = [
+        on_device({n: m[n] for n in names}, cast=evaluation_dtype() is not None) for m in moved
+    ]
     del moved
-    stacked = on_device(stacked, cast=evaluation_dtype() is not None)
-    points = [{n: s[k] for n, s in stacked.items()} for k in range(len(offsets))]  # views
-
-    def one(at: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        return per_example(placed, at, x, y, measure)
-
-    def all_at_once(x: Tensor, y: Tensor) -> Tensor:
-        return vmap(one, in_dims=(0, None, None))(stacked, x, y)
 
     def one_by_one(x: Tensor, y: Tensor) -> Tensor:
-        return torch.stack([one(p, x, y).to(torch.float64) for p in points])
+        return torch.stack(
+            [per_example(placed, p, x, y, measure).to(torch.float64) for p in points]
+        )
 
-    return _with_fallback(all_at_once, one_by_one, len(offsets) > 1 and bool(names))
+    return one_by_one
 
 
 def _with_fallback(

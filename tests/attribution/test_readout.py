@@ -284,7 +284,7 @@ def test_vectorised_linear_equals_one_jvp_per_stage_and_finite_differences(data,
 
 @pytest.mark.parametrize("quantity", QUANTITIES)
 @pytest.mark.parametrize("which", ["mlp", "batchnorm"])
-def test_vectorised_evaluated_equals_separate_forward_passes(data, quantity, which):
+def test_evaluated_runs_theta_t_once_and_equals_separate_forward_passes(data, quantity, which):
     inputs = data[0].float()
     targets = data[1]
     module = float32_model() if which == "mlp" else norm_model()
@@ -293,7 +293,7 @@ def test_vectorised_evaluated_equals_separate_forward_passes(data, quantity, whi
     embeddings = three_stages(model.point, names, 0.1)
     with counting_passes(module) as passes:
         got = evaluated_effects(model, embeddings, inputs, targets, quantity, batch_size=7)
-    assert passes == [7, 7, 6]
+    assert passes == [7] * 4 + [7] * 4 + [6] * 4  # theta_T once and each stage, per batch
     state = module.state_dict()
     final = quantities_by_forward(module.eval(), inputs, targets, quantity)
     for stage, embedding in embeddings.items():
@@ -341,8 +341,8 @@ class CubedLogits(torch.nn.Module):
         return Cube.apply(self.fc(x.reshape(len(x), -1)))
 
 
-@pytest.mark.parametrize("readout", [linear_effects, evaluated_effects])
-def test_models_vmap_cannot_run_fall_back_to_one_pass_per_stage(data, readout):
+def test_models_vmap_cannot_run_fall_back_to_one_pass_per_stage(data):
+    readout = linear_effects
     inputs, targets = data[0].float(), data[1]
     torch.manual_seed(0)
     module = CubedLogits()
@@ -354,8 +354,7 @@ def test_models_vmap_cannot_run_fall_back_to_one_pass_per_stage(data, readout):
         )
     with counting_passes(module) as passes:
         got = readout(model, embeddings, inputs, targets, "loss", batch_size=7)
-    per_set = 3 if readout is linear_effects else 4  # + theta_T
-    assert passes == [7] * (1 + per_set) + [7] * per_set + [6] * per_set  # 1: vmap's try
+    assert passes == [7] * (1 + 3) + [7] * 3 + [6] * 3  # 1: vmap's try
     for stage, embedding in embeddings.items():
         alone = readout(model, {stage: embedding}, inputs, targets, "loss", batch_size=7)
         torch.testing.assert_close(got[stage], alone[stage], atol=0, rtol=0)
