@@ -49,6 +49,12 @@ CUBLAS_WORKSPACE = ":4096:8"
 notes); set when unset, before CUDA starts."""
 
 
+AUTO_VARIABLE = "STAGETRACE_AUTO_DEVICE"
+"""Set to ``cpu``, ``auto`` means the CPU even where torch sees a GPU: a machine's default kept
+on the CPU, where replays are bitwise (the test suite sets it: its bit-for-bit checks are the
+CPU's; its CUDA tests name ``cuda``)."""
+
+
 @dataclass(frozen=True)
 class Compute:
     """A device (``auto``, ``cpu``, ``cuda``, ``cuda:N``) and a dtype (``float32``,
@@ -59,9 +65,18 @@ class Compute:
 
     @property
     def torch_device(self) -> torch.device:
-        """The device work runs on: ``auto`` is ``cuda`` when torch sees a GPU, else ``cpu``."""
+        """The device work runs on: ``auto`` is ``cuda`` when torch sees a GPU, else ``cpu``
+        (``cpu`` always where ``STAGETRACE_AUTO_DEVICE=cpu``)."""
         if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            pinned = os.environ.get(AUTO_VARIABLE)
+            if pinned is not None and pinned != "cpu":
+                raise SpecError(
+                    AUTO_VARIABLE,
+                    f"{pinned!r} is not a value it takes",
+                    "set it to cpu or unset it",
+                )
+            gpu = torch.cuda.is_available() and pinned is None
+            return torch.device("cuda" if gpu else "cpu")
         return torch.device(self.device)
 
     @property

@@ -21,6 +21,7 @@ import torch
 
 from attribution.analysis.cli import _write
 from attribution.record.compute import (
+    AUTO_VARIABLE,
     Compute,
     current,
     deterministic,
@@ -82,6 +83,17 @@ def test_auto_resolves_to_the_cpu_without_a_gpu():
         "dtype": "float32",
         "approximate": False,
     }
+
+
+def test_the_suite_keeps_auto_on_the_cpu_and_a_bad_pin_is_refused(monkeypatch):
+    assert os.environ[AUTO_VARIABLE] == "cpu"  # tests/conftest.py: bitwise checks are the CPU's
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
+    assert Compute().torch_device == torch.device("cpu")
+    monkeypatch.delenv(AUTO_VARIABLE)
+    assert Compute().torch_device == torch.device("cuda")
+    monkeypatch.setenv(AUTO_VARIABLE, "gpu")
+    with pytest.raises(SpecError, match=f"{AUTO_VARIABLE}: 'gpu'.*Fix: set it to cpu"):
+        Compute().check()
 
 
 def test_using_sets_the_current_compute_and_restores_it():
