@@ -175,12 +175,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         _cache_options(sub)
 
     args = parser.parse_args(argv)
-    shared = False  # whether this process joined a torchrun process group here
     try:
         compute = Compute(args.device, args.dtype).check("--device", "--dtype").per_process()
         with using(compute):  # checked before any work
             if args.command in ("counterfactual", "validate"):
-                shared = distributed.init_from_env(compute.torch_device)
+                distributed.init_from_env(compute.torch_device)  # joined until the process exits
             trust(*args.trust_module)
             return {
                 "inspect": _inspect,
@@ -195,9 +194,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if distributed.is_main():  # under torchrun every rank has the same error: say it once
             print(f"stagetrace: error: {exc}", file=sys.stderr)
         return 2
-    finally:
-        if shared:
-            distributed.destroy()
 
 
 def _cache_options(parser: argparse.ArgumentParser) -> None:

@@ -14,6 +14,7 @@ that can fail is wrapped in it before the next collective. docs/scale.md describ
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -46,7 +47,9 @@ def init_from_env(device: torch.device | str = "cpu") -> bool:
     """Join the process group torchrun describes in the environment (``WORLD_SIZE`` and
     ``RANK`` set): NCCL when ``device`` is a CUDA device and CUDA is available (each process on
     the GPU of its ``LOCAL_RANK``), else gloo. Whether it started one: not without those
-    variables, nor when a group is already initialised (its owner destroys it)."""
+    variables, nor when a group is already initialised. A group this starts lasts until the
+    process exits (``destroy`` at exit): a second group in the same process would rendezvous
+    under the first one's store keys and can hang, so later commands reuse it."""
     launched = "WORLD_SIZE" in os.environ and "RANK" in os.environ
     if not launched or not dist.is_available() or dist.is_initialized():
         return False
@@ -54,6 +57,7 @@ def init_from_env(device: torch.device | str = "cpu") -> bool:
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if cuda else "gloo")
+    atexit.register(destroy)
     return True
 
 

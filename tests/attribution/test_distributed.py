@@ -45,7 +45,7 @@ from attribution.analysis.cli import main
 
 rank, codes = os.environ["RANK"], Path(sys.argv[2])
 for i, argv in enumerate(json.loads(Path(sys.argv[1]).read_text())):
-    code = main([a.replace("{rank}", rank) for a in argv])  # joins and leaves the group
+    code = main([a.replace("{rank}", rank) for a in argv])  # joins the group once, for the process
     (codes / f"{i}-{rank}").write_text(str(code))
 # leave only when every rank has said how every command ended: torchrun stops the others when
 # one exits with a failure
