@@ -4,7 +4,9 @@ command line, and comparing stage offsets with the retrained truth."""
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -87,3 +89,12 @@ def assert_offsets_equal(estimate, truth, atol):
     for name, value in truth.items():
         got = estimate.get(name, torch.zeros_like(value))
         torch.testing.assert_close(got, value, rtol=0, atol=atol, msg=name)
+
+
+def installed(module: str) -> Any:
+    """``module`` from an optional extra the project installs (``make setup``: the hf extra):
+    skipped where it is missing, except under CI (``CI=true``), where a missing module means the
+    set-up is broken and fails the test instead of hiding it."""
+    if os.environ.get("CI") == "true":
+        return importlib.import_module(module)
+    return pytest.importorskip(module)

@@ -24,9 +24,9 @@ from safetensors.torch import load_file, save_file
 from attribution.record.checkpoint_spec import build, load_spec
 from attribution.record.pipeline import flatten_state
 from experiments import audit_example
-from tests.helpers import check_cli_error, cli, tree_bytes
+from tests.helpers import check_cli_error, cli, installed, tree_bytes
 
-peft = pytest.importorskip("peft")
+peft = installed("peft")
 
 
 @pytest.fixture(scope="module")

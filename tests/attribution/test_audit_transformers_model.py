@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 import torch.nn.functional as F
 import yaml
 from torch.utils.data import TensorDataset
 
-from tests.helpers import cli
+from tests.helpers import cli, installed
 
-transformers = pytest.importorskip("transformers")
+transformers = installed("transformers")
 
 VOCAB, LENGTH, EXAMPLES = 30, 6, 40
 

@@ -14,9 +14,10 @@ from attribution.record.entry import apply_entry
 from attribution.record.errors import StagetraceError, TrajectoryError
 from attribution.record.loaders import load_peft_adapter
 from attribution.record.spec import EntryAction
+from tests.helpers import installed
 
-peft = pytest.importorskip("peft")
-conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D
+peft = installed("peft")
+conv1d = installed("transformers.pytorch_utils").Conv1D
 
 
 class Block(nn.Module):

@@ -15,8 +15,9 @@ from torch import nn
 from attribution.record.errors import StagetraceError, TrajectoryError
 from attribution.record.loaders import load_state_dict, load_trainer_run
 from tests.attribution.test_loaders import CreatesAFile
+from tests.helpers import installed
 
-transformers = pytest.importorskip("transformers")
+transformers = installed("transformers")
 
 LR, STEPS, BATCH = 0.1, 6, 4
 # the linear schedule without warmup, from its definition: step t (0-based) uses lr (T - t) / T

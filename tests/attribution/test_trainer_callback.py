@@ -36,9 +36,9 @@ from attribution.record.recorder import Recorder
 from attribution.record.references import Ref, load_dataset
 from attribution.record.trainer_callback import IndexedDataset, TrainerModel
 from attribution.record.trajectory import snapshot
-from tests.helpers import cli
+from tests.helpers import cli, installed
 
-transformers = pytest.importorskip("transformers")
+transformers = installed("transformers")
 
 MODEL = Ref("experiments.models:MLP", {"hidden": [16]})
 PRETRAIN_DATA = Ref("experiments.data:mnist", {"stop": 300})
