@@ -5,8 +5,9 @@ the final model's state to that of the run without stage k, over its parameters 
 estimator gives them, its floating-point buffers (BatchNorm running statistics; names it lacks
 have offset 0). With the project's sign convention effect_k(f) = f(theta_T) - f(theta_T^(-k)):
 
-- linear: effect_k(f) ~= -<grad f(theta_T), SE_k>, a forward-mode jvp of the batch's
-  per-example quantities along SE_k, all K stages in one jvp vectorised over the tangents
+- linear: effect_k(f) ~= -<grad f(theta_T), SE_k>, the derivative of the batch's per-example
+  quantities along SE_k for all K stages at once: in reverse mode, contracted where the
+  parameters are used, or a forward-mode jvp vectorised over the tangents
   (``attribution.record.evaluation.derivatives_along``);
 - evaluated: effect_k(f) ~= f(theta_T) - f(theta_T + SE_k), one forward pass per parameter set
   and batch, theta_T's once for all K stages (``values_along``); exact whenever SE_k is.
@@ -50,14 +51,18 @@ def linear_effects(
     quantity: str,
     batch_size: int = 512,
     memmap_above: int | None = None,
+    contract: bool = True,
 ) -> dict[str, Tensor]:
     """Per stage, the [N] float64 effects -<grad f(theta_T), SE_k> of the per-example quantity,
-    ``model`` being the final model theta_T. Per batch, ONE forward-mode jvp vectorised over the
-    K embeddings (``derivatives_along``: the primal pass once, the K tangent passes batched;
-    one jvp per stage where vmap cannot run the model). Beyond ``memmap_above`` results
-    (K x N; default ``memmap_above()``) they are memory-mapped (``allocate``)."""
+    ``model`` being the final model theta_T. Per batch, all K embeddings at once
+    (``derivatives_along``): in reverse mode, contracted where the parameters are used (one
+    forward, one backward and about one forward per stage), or, without ``contract`` or where
+    that does not apply, ONE forward-mode jvp vectorised over them (the primal pass once, the K
+    tangent passes batched; one jvp per stage where vmap cannot run the model). Beyond
+    ``memmap_above`` results (K x N; default ``memmap_above()``) they are memory-mapped
+    (``Results``)."""
     checked = _checked(model, embeddings)
-    along = derivatives_along(model, list(checked.values()), quantity)
+    along = derivatives_along(model, list(checked.values()), quantity, contract)
 
     def effects(x: Tensor, y: Tensor) -> Tensor:
         return -along(x, y)
@@ -78,7 +83,7 @@ def evaluated_effects(
     ``model`` being the final model theta_T. Per batch, one forward pass for each of the K + 1
     parameter sets theta_T, theta_T + SE_1, ... (``values_along``), differenced in float64.
     Beyond ``memmap_above`` results (K x N; default ``memmap_above()``) they are memory-mapped
-    (``allocate``)."""
+    (``Results``)."""
     checked = _checked(model, embeddings)
     along = values_along(model, [{}, *checked.values()], quantity)
 

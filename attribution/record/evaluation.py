@@ -40,6 +40,7 @@ from torch.func import functional_call, jvp, vmap
 from torch.overrides import TorchFunctionMode
 
 from attribution.record.compute import Compute, current, on_device
+from attribution.record.contraction import NotContractible, contracted_along
 from attribution.record.errors import SpecError, StagetraceError
 from attribution.record.trajectory import Trajectory, load_state
 
@@ -191,29 +192,36 @@ def directional(
     covers any subset of ``model.point`` (the rest is held fixed) and is cast to each
     coordinate's dtype and device. Floating buffers are differentiated too: eval-mode BatchNorm
     is then run as its explicit formula, since torch's kernel refuses a derivative along running
-    statistics. Several tangents at once: ``derivatives_along``."""
+    statistics. Several tangents at once: ``derivatives_along`` (which also contracts them in
+    reverse mode; this is the plain jvp, the reference the contraction is checked against)."""
     placed = model.placed()
-    along = derivatives_along(placed, [tangent], quantity)
+    along = derivatives_along(placed, [tangent], quantity, contract=False)
     return batched(
         along, inputs, targets, batch_size, placed.device, rows=1, dtype=evaluation_dtype()
     )[0]
 
 
 def derivatives_along(
-    model: ModelAt, tangents: Sequence[Mapping[str, Tensor]], quantity: str
+    model: ModelAt, tangents: Sequence[Mapping[str, Tensor]], quantity: str, contract: bool = True
 ) -> Callable[[Tensor, Tensor], Tensor]:
     """The batch function ``(x, y) -> [K, b]`` of the directional derivatives
     <grad f_i(point), tangents[k]> of the per-example ``quantity`` (for ``batched``).
 
-    All K tangents go through ONE jvp, vectorised over the tangents (``torch.func.vmap``): the
-    primal forward pass runs once and the K tangent passes as one batched pass, instead of K
-    jvps that each redo the primal. Tangents are as ``directional``'s (any subset of
-    ``model.point``; the vmapped pass covers the union of their names, zero where one lacks a
-    name). Falls back to one jvp per tangent where vmap cannot run the model (an operation
-    without a batching rule, such as an ``autograd.Function`` without a vmap rule, or too
-    little memory for K tangents' activations): the same numbers at the per-stage cost. The
-    model is placed on the current compute first (``ModelAt.placed``); inputs go there too
-    (``batched`` with ``evaluation_dtype()``)."""
+    With ``contract`` (the default) they are computed in reverse mode, contracted where the
+    parameters are used (``attribution.record.contraction``: one forward, one backward and
+    about one forward per tangent), after agreeing with the jvp below on the first batch's
+    first ``CHECKED_EXAMPLES`` examples; the jvp serves where they do not agree, where the
+    model is not contractible, along buffers, and in an evaluation dtype other than the
+    model's own. Otherwise all K tangents go through ONE jvp, vectorised over the tangents
+    (``torch.func.vmap``): the primal forward pass runs once and the K tangent passes as one
+    batched pass, instead of K jvps that each redo the primal. Tangents are as
+    ``directional``'s (any subset of ``model.point``; the vmapped pass covers the union of
+    their names, zero where one lacks a name). Falls back to one jvp per tangent where vmap
+    cannot run the model (an operation without a batching rule, such as an
+    ``autograd.Function`` without a vmap rule, or too little memory for K tangents'
+    activations): the same numbers at the per-stage cost. The model is placed on the current
+    compute first (``ModelAt.placed``); inputs go there too (``batched`` with
+    ``evaluation_dtype()``)."""
     model = model.placed()
     point = model.point
     for tangent in tangents:
@@ -246,14 +254,53 @@ def derivatives_along(
     def one_by_one(x: Tensor, y: Tensor) -> Tensor:
         return torch.stack([one(d, x, y).to(torch.float64) for d in directions])
 
-    def derivatives(x: Tensor, y: Tensor) -> Tensor:
+    def jvps(x: Tensor, y: Tensor) -> Tensor:
         if along_buffers:
             with _RunningStatisticsAsFormula():
                 return vectorised(x, y)
         return vectorised(x, y)
 
     vectorised = _with_fallback(all_at_once, one_by_one, len(tangents) > 1 and bool(names))
-    return derivatives
+    if not contract or along_buffers or not names or evaluation_dtype() is not None:
+        return jvps
+    contracted = contracted_along(
+        lambda values, x, y: per_example(model, values, x, y, quantity), point, stacked
+    )
+    return _checked_once(contracted, jvps)
+
+
+CHECKED_EXAMPLES = 4
+"""How many examples of the first batch the contracted read-out is checked on against the jvp."""
+
+
+def _checked_once(
+    contracted: Callable[[Tensor, Tensor], Tensor], jvps: Callable[[Tensor, Tensor], Tensor]
+) -> Callable[[Tensor, Tensor], Tensor]:
+    """``contracted`` once it agreed with ``jvps`` on the first batch's first
+    ``CHECKED_EXAMPLES`` examples (within float32 rounding: 1e-3 of the largest derivative);
+    ``jvps`` from then on where it did not, or where the model is not contractible. The two
+    compute the same derivatives; the check guards against a model the contraction misreads
+    (an operation mixing examples, say)."""
+    state: list[bool | None] = [None]
+
+    def run(x: Tensor, y: Tensor) -> Tensor:
+        if state[0] is False:
+            return jvps(x, y)
+        try:
+            out = contracted(x, y)
+        except NotContractible:
+            state[0] = False
+            return jvps(x, y)
+        if state[0] is None:
+            m = min(CHECKED_EXAMPLES, len(y))
+            reference = jvps(x[:m], y[:m]).to(out)
+            scale = float(reference.abs().max()) if reference.numel() else 0.0
+            state[0] = bool((out[:, :m] - reference).abs().max() <= 1e-3 * scale + 1e-12)
+            if not state[0]:
+                return jvps(x, y)
+        return out
+
+    return run
 
 
 def values_along(
@@ -332,17 +379,37 @@ def memmap_above() -> int:
     return int(raw)
 
 
-def allocate(shape: tuple[int, ...], above: int | None = None) -> Tensor:
-    """An uninitialised float64 CPU tensor of ``shape``: in RAM, or beyond ``above`` numbers
-    (default ``memmap_above()``) in an anonymous temporary file mapped into memory, so that the
-    operating system pages it to disk instead of holding it in RAM. The file has no name (it is
-    deleted at once) and its space is freed when the tensor is."""
-    above = memmap_above() if above is None else above
-    if math.prod(shape) <= above or not math.prod(shape):
-        return torch.empty(shape, dtype=torch.float64)
-    with tempfile.TemporaryFile() as handle:  # the mapping outlives the handle
-        array = np.memmap(handle, dtype=np.float64, mode="w+", shape=shape)
-    return torch.from_numpy(array)
+class Results:
+    """Per-example results of ``shape`` (float64, the examples last), written batch by batch
+    with ``write`` and handed back by ``tensor``: in RAM, or beyond ``above`` numbers (default
+    ``memmap_above()``) in an anonymous temporary file (deleted at once; its space is freed with
+    the tensor). The file is written with ``os.pwrite``, through the page cache rather than the
+    process's memory, and mapped copy-on-write at the end, so that its pages become resident
+    only as they are read: the read-outs' peak memory does not grow with the test set."""
+
+    def __init__(self, shape: tuple[int, ...], above: int | None = None) -> None:
+        above = memmap_above() if above is None else above
+        self.shape, self.count = shape, math.prod(shape)
+        self.file = tempfile.TemporaryFile() if self.count > above else None
+        self.memory = None if self.file else torch.empty(shape, dtype=torch.float64)
+
+    def write(self, start: int, part: Tensor) -> None:
+        """Examples ``start ..`` of every row: ``part`` [b] or [rows, b]."""
+        part = part.detach().to("cpu", torch.float64)
+        if self.memory is not None:
+            self.memory[..., start : start + part.shape[-1]] = part
+            return
+        n = self.shape[-1]
+        for row, values in enumerate(part.reshape(-1, part.shape[-1]).numpy()):
+            os.pwrite(self.file.fileno(), values.tobytes(), (row * n + start) * 8)
+
+    def tensor(self) -> Tensor:
+        if self.memory is not None:
+            return self.memory
+        with self.file as handle:  # the mapping outlives the handle
+            handle.truncate(self.count * 8)
+            array = np.memmap(handle, dtype=np.float64, mode="c", shape=self.shape)
+        return torch.from_numpy(array)
 
 
 def batched(
@@ -360,20 +427,19 @@ def batched(
     CPU tensor: [N] (``fn`` gives [b]) or, with ``rows``, [rows, N] (``fn`` gives [rows, b]).
     With ``dtype``, floating inputs are cast to it (``evaluation_dtype``); integer inputs (token
     ids) and the targets keep theirs. The result is memory-mapped beyond ``memmap_above``
-    numbers (``allocate``)."""
+    numbers (``Results``)."""
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise StagetraceError(
             f"batch_size {batch_size!r} is not a positive integer. Fix: give the number of "
             "examples per forward pass, e.g. 512"
         )
     n = len(targets)
-    out = allocate((n,) if rows is None else (rows, n), memmap_above)
+    out = Results((n,) if rows is None else (rows, n), memmap_above)
     cast = dtype if dtype is not None and inputs.is_floating_point() else inputs.dtype
     for i in range(0, n, batch_size):
         x = inputs[i : i + batch_size].to(device, cast)
-        part = fn(x, targets[i : i + batch_size].to(device))
-        out[..., i : i + batch_size] = part.detach().to("cpu", torch.float64)
-    return out
+        out.write(i, fn(x, targets[i : i + batch_size].to(device)))
+    return out.tensor()
 
 
 _BATCH_NORM = inspect.signature(F.batch_norm)

@@ -16,7 +16,7 @@ from attribution.analysis.audit import audit
 from attribution.analysis.behaviors import Behavior
 from attribution.analysis.readout import evaluated_effects, linear_effects
 from attribution.record.errors import StagetraceError
-from attribution.record.evaluation import MEMMAP_VARIABLE, ModelAt, allocate
+from attribution.record.evaluation import MEMMAP_VARIABLE, ModelAt, Results
 from attribution.record.references import Ref
 from attribution.record.trajectory import Trajectory
 from experiments.data import mnist
@@ -86,13 +86,34 @@ def test_the_threshold_counts_every_stage_and_example(setting, monkeypatch):
     assert not file_backed(model.values(inputs, targets, "loss"))
 
 
-def test_allocate_memory_maps_beyond_the_threshold_only():
-    assert not file_backed(allocate((3, 4), above=12))
-    mapped = allocate((3, 4), above=11)
-    mapped[:] = torch.arange(12.0).reshape(3, 4)
+def resident_kib(tensor: torch.Tensor) -> int:
+    """The resident size (kB) of the mapping holding ``tensor``, per ``/proc/self/smaps``."""
+    address, inside = tensor.data_ptr(), False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        first = line.split()[0]
+        if "-" in first and not first.endswith(":"):
+            low, high = (int(v, 16) for v in first.split("-"))
+            inside = low <= address < high
+        elif inside and first == "Rss:":
+            return int(line.split()[1])
+    raise AssertionError(f"address {address:#x} is in no mapping")
+
+
+def test_results_go_to_a_file_beyond_the_threshold_and_stay_off_memory_until_read():
+    small = Results((3, 4), above=12)
+    small.write(0, torch.ones(3, 4))
+    assert not file_backed(small.tensor())
+    rows, n = 3, 200_000  # 4.6 MiB of results, written in batches
+    results = Results((rows, n), above=rows * n - 1)
+    expected = torch.arange(rows * n, dtype=torch.float64).reshape(rows, n)
+    for i in range(0, n, 4096):
+        results.write(i, expected[:, i : i + 4096].float().double())
+    mapped = results.tensor()
     assert file_backed(mapped) and mapped.dtype == torch.float64
-    assert torch.equal(mapped, torch.arange(12.0, dtype=torch.float64).reshape(3, 4))
-    assert allocate((0,), above=0).shape == (0,)
+    assert resident_kib(mapped) == 0  # written through the page cache, mapped unread
+    assert torch.equal(mapped, expected)
+    assert resident_kib(mapped) > 0
+    assert Results((0,), above=0).tensor().shape == (0,)
 
 
 @pytest.mark.parametrize("value", ["ten", "-1", "1e7", ""])
