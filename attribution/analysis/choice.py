@@ -103,6 +103,23 @@ def predicted_truth_seconds(traj: Trajectory) -> float:
     return total
 
 
+def predicted_subset_seconds(traj: Trajectory, budget: float = SUBSET_BUDGET) -> float:
+    """Seconds of a subset replay at ``budget`` and its reliability check (two more at half the
+    budget), from a few timed steps of each later stage on that share of their batches: every
+    later step still runs, so a small share costs more than its share of the truth."""
+    later = [j for j in range(1, len(traj.stages))]
+    seconds = {
+        share: {j: traj.stages[j].num_steps * step_seconds(traj, j, fraction=share) for j in later}
+        for share in (budget, budget / 2)
+    }
+    return sum(
+        seconds[budget][j] + 2 * seconds[budget / 2][j]
+        for k in range(len(traj.stages) - 1)
+        for j in later
+        if j > k
+    )
+
+
 def plan(
     traj: Trajectory, budget: float = DEFAULT_BUDGET, evidence: AbstractSet[str] | None = None
 ) -> Plan:
@@ -124,8 +141,7 @@ def plan(
             "replayable recording), so that the truth or a replay estimate can be computed",
         )
     truth = predicted_truth_seconds(traj)
-    subset = 2 * SUBSET_BUDGET * truth  # the replay and its check: two halves as dear again
-    predicted = {"truth": truth, f"subset:{SUBSET_BUDGET}": subset}
+    predicted = {"truth": truth}
     if truth <= budget:
         return Plan(
             "truth",
@@ -135,6 +151,7 @@ def plan(
             budget,
             "nothing: this is the exact answer",
         )
+    subset = predicted[f"subset:{SUBSET_BUDGET}"] = predicted_subset_seconds(traj)
     needed = math.ceil(truth)
     better = f"a budget of {needed} s would compute the truth (--budget {needed})"
     if subset <= budget:

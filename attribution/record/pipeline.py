@@ -169,13 +169,18 @@ def continue_stage(
     return train_stage(model, record, steps, state, on_step, compute=compute)
 
 
-def step_seconds(traj: Trajectory, j: int, probe: int = 3) -> float:
+def step_seconds(traj: Trajectory, j: int, probe: int = 3, fraction: float = 1.0) -> float:
     """Wall seconds per training step of stage j, measured by replaying its first ``probe``
-    steps from its start with the recorded thread count; the first step, which pays for
-    warm-up, is not counted when there are more. What the audit predicts retraining from."""
+    steps from its start with the recorded thread count, each on the first ``fraction`` of its
+    batch (at least one example); the first step, which pays for warm-up, is not counted when
+    there are more. What the audit predicts retraining (``fraction`` 1) and subset replays
+    from: a step's cost is not proportional to its examples (the optimizer step and the
+    per-operation overhead stay)."""
     record, log = traj.stages[j], traj.steps(j)
     n = min(probe, log.num_steps)
-    steps = StepLog.from_batches(log.lr[:n].tolist(), [log.batch(t) for t in range(n)])
+    batches = [log.batch(t) for t in range(n)]
+    batches = [b[: max(1, round(fraction * len(b)))] for b in batches]
+    steps = StepLog.from_batches(log.lr[:n].tolist(), batches)
     model = traj.load_model(j, "start")
     previous = traj.optimizer_state(j - 1, "end") if j else {}
     times: list[float] = []

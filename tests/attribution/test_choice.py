@@ -39,16 +39,47 @@ def behaviors(tmp_path: Path) -> dict:
     return load_behaviors(path)
 
 
+FIXED = 0.05
+"""The share of a step's seconds that does not shrink with its batch, in the fixture below."""
+
+
+def step_model(fixed: float):
+    """A training step on a share f of its batch takes 10 ms x (fixed + (1 - fixed) f)."""
+    return lambda traj, j, fraction=1.0: 0.01 * (fixed + (1 - fixed) * fraction)
+
+
 @pytest.fixture
 def per_step(monkeypatch) -> float:
-    """Each training step is predicted to take 10 ms, so predictions do not depend on load."""
-    monkeypatch.setattr(choice, "step_seconds", lambda traj, j: 0.01)
+    """Each full training step is predicted to take 10 ms (a twentieth of it whatever the
+    batch), so predictions do not depend on load."""
+    monkeypatch.setattr(choice, "step_seconds", step_model(FIXED))
     return 0.01
 
 
 def predicted_truth(traj: Trajectory, per_step: float) -> float:
     steps = [r.num_steps for r in traj.stages]
     return per_step * sum(sum(steps[k + 1 :]) for k in range(len(steps)))
+
+
+def test_a_subset_replay_is_predicted_from_steps_on_its_share_of_the_batches(run_copy, per_step):
+    traj = Trajectory.open(run_copy, cache=False)
+    truth = predicted_truth(traj, per_step)
+    share = choice.SUBSET_BUDGET
+    replay, check = FIXED + (1 - FIXED) * share, 2 * (FIXED + (1 - FIXED) * share / 2)
+    expected = truth * (replay + check)  # the replay and its two half-budget replays
+    decided = plan(traj, budget=0.8 * truth)
+    assert decided.predicted_seconds["subset:0.25"] == pytest.approx(expected)
+
+
+def test_where_steps_cost_the_same_whatever_their_batch_no_subset_replay_is_chosen(
+    run_copy, monkeypatch
+):
+    monkeypatch.setattr(choice, "step_seconds", step_model(1.0))
+    traj = Trajectory.open(run_copy, cache=False)
+    truth = predicted_truth(traj, 0.01)
+    decided = plan(traj, budget=0.99 * truth)
+    assert decided.predicted_seconds["subset:0.25"] == pytest.approx(3 * truth)
+    assert decided.estimator == "e1" and "a subset replay" in decided.reason
 
 
 def test_auto_answers_with_the_truth_when_it_fits_the_budget(run_copy, behaviors, per_step):
