@@ -6,8 +6,8 @@
 - the seconds and peak memory of the ground truth (retraining without every stage) and of each
   estimator's ``embed``, each in a fresh process so that its peak memory is its own;
 - the throughput of the linear and evaluated read-outs against plain inference;
-- the jvp read-out against per-example gradients (``vmap(grad)`` and a ``backward`` loop), and
-  that the three agree;
+- the linear read-out (contracted, and as a vectorised jvp) against per-example gradients
+  (``vmap(grad)`` and a ``backward`` loop), and that they agree;
 
 and on the toxicity pipeline (the text transformer), the seconds of the truth, of each
 estimator in ``TEXT_METHODS`` and of both read-outs on its test set, against the truth.
@@ -100,8 +100,12 @@ METHODS: dict[str, Callable[[Trajectory], Any]] = {
     "e4:4": E4(stride=4).embed,
     "subset:0.25": Subset(budget=0.25).embed,
     "subset:0.25 (uniform)": Subset(budget=0.25, allocation="uniform").embed,
+    "subset:0.1": Subset(budget=0.1).embed,
+    "subset:0.02": Subset(budget=0.02).embed,
 }
-"""What table (i) measures, by the name it shows; ``embed``, never ``stored_embeddings``."""
+"""What table (i) measures, by the name it shows; ``embed``, never ``stored_embeddings``. The
+subset replays at 0.1 and 0.02 show its cost floor: every later step still runs (its optimizer
+step, its passes over one or a few examples)."""
 TEXT_METHODS = ("ground truth", "e0", "e1", "e2", "e4:2", "subset:0.25")
 """What the toxicity table measures (E3's Lanczos is left out: its cost is the MNIST table's)."""
 
@@ -131,7 +135,7 @@ class Throughput:
 @dataclass(frozen=True)
 class GradientRow:
     """One way to compute -<grad loss_i, SE_k> per example i and stage k: its batch size, wall
-    seconds, and largest absolute difference from the jvp read-out (nats)."""
+    seconds, and largest absolute difference from the linear read-out (nats)."""
 
     method: str
     batch: int
@@ -300,10 +304,17 @@ def max_abs_diff(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> float:
 def gradient_comparison(
     model: ModelAt, embeddings: Embeddings, inputs: Tensor, targets: Tensor, repeats: int
 ) -> list[GradientRow]:
-    """The jvp read-out against per-example gradients on the same examples; refuses (exit 1)
+    """The linear read-out (contracted, and as the vectorised jvp) against per-example
+    gradients on the same examples; refuses (exit 1)
     if they disagree by ``TOLERANCE`` or more."""
-    jvp, jvp_s = timed(
+    readout, readout_s = timed(
         lambda: linear_effects(model, embeddings, inputs, targets, "loss", READOUT_BATCH),
+        repeats,
+    )
+    forward, forward_s = timed(
+        lambda: linear_effects(
+            model, embeddings, inputs, targets, "loss", READOUT_BATCH, contract=False
+        ),
         repeats,
     )
     batched, batched_s = timed(
@@ -313,17 +324,23 @@ def gradient_comparison(
         lambda: loop_gradient_effects(model, embeddings, inputs, targets), repeats
     )
     rows = [
-        GradientRow("jvp (`linear_effects`)", READOUT_BATCH, jvp_s, 0.0),
+        GradientRow("contracted (`linear_effects`)", READOUT_BATCH, readout_s, 0.0),
         GradientRow(
-            "`vmap(grad)`, then dot", GRADIENT_BATCH, batched_s, max_abs_diff(jvp, batched)
+            "vectorised jvp (`contract=False`)",
+            READOUT_BATCH,
+            forward_s,
+            max_abs_diff(readout, forward),
         ),
-        GradientRow("loop of `backward`, then dot", 1, looped_s, max_abs_diff(jvp, looped)),
+        GradientRow(
+            "`vmap(grad)`, then dot", GRADIENT_BATCH, batched_s, max_abs_diff(readout, batched)
+        ),
+        GradientRow("loop of `backward`, then dot", 1, looped_s, max_abs_diff(readout, looped)),
     ]
     worst = max(r.max_abs_diff for r in rows)
     if worst >= TOLERANCE:
         raise SectionError(
-            f"the jvp read-out and per-example gradients disagree by {worst:.3g} nats "
-            f"(tolerance {TOLERANCE:g}): a read-out is wrong",
+            f"the linear read-out's two forms and per-example gradients disagree by "
+            f"{worst:.3g} nats (tolerance {TOLERANCE:g}): a read-out is wrong",
             status=1,
         )
     return rows
@@ -369,9 +386,10 @@ MEMORY_SIZES = (1_000, 10_000, 60_000)
 @dataclass(frozen=True)
 class ReadoutCost:
     """Seconds of one inference pass over ``examples`` inputs and of both read-outs of
-    ``stages`` stage embeddings over them: vectorised over the stages (as the read-outs run)
-    and one pass per stage (the per-stage loop they replace), in batches of ``READOUT_BATCH``.
-    ``ratio``: seconds / (stages x inference seconds), the read-out's cost per stage in
+    ``stages`` stage embeddings over them as they run, of the linear one as the vectorised jvp
+    (``contract=False``), of the final model's per-example values alone (the evaluated
+    read-out's theta_T pass) and of the evaluated read-out as a per-stage loop, in batches of
+    ``READOUT_BATCH``. ``ratio``: seconds / (stages x inference seconds), a cost per stage in
     inference passes."""
 
     model: str
@@ -380,7 +398,8 @@ class ReadoutCost:
     inference: float
     linear: float
     evaluated: float
-    linear_per_stage: float
+    linear_jvp: float
+    final_values: float
     evaluated_per_stage: float
 
     def ratio(self, seconds: float) -> float:
@@ -398,9 +417,11 @@ def readout_cost(
     """Time inference and both read-outs (quantity loss), vectorised and per stage (the per
     stage evaluated loop computes f(theta_T) once, as the read-out did before)."""
 
-    def linear_per_stage() -> None:
-        for stage, embedding in embeddings.items():
-            linear_effects(model, {stage: embedding}, inputs, targets, "loss", READOUT_BATCH)
+    def linear_jvp() -> None:
+        linear_effects(model, embeddings, inputs, targets, "loss", READOUT_BATCH, contract=False)
+
+    def final_values() -> None:
+        model.values(inputs, targets, "loss", READOUT_BATCH)
 
     def evaluated_per_stage() -> None:
         final = model.values(inputs, targets, "loss", READOUT_BATCH)
@@ -414,7 +435,8 @@ def readout_cost(
         lambda: infer(model.module, inputs, READOUT_BATCH),
         readout(linear_effects),
         readout(evaluated_effects),
-        linear_per_stage,
+        linear_jvp,
+        final_values,
         evaluated_per_stage,
     ]
     seconds = [timed(fn, repeats)[1] for fn in passes]
@@ -475,22 +497,29 @@ system, so a peak shows what a read-out holds rather than the heap's fragmentati
 default threshold grows as buffers are freed and keeps them in the heap)."""
 
 
+ON_DISK = {MEMMAP_VARIABLE: "0"}
+"""Per-example results written to disk (``Results``), so that a peak is the working memory."""
+
+
 def readout_memory(
     root: Path, readouts: Sequence[str] = tuple(READOUTS)
-) -> tuple[list[MemoryRow], list[MemoryRow]]:
-    """``measure_readout_memory`` of ``readouts`` at every ``MEMORY_SIZES`` under
-    ``FIXED_MMAP``, and at the largest size under glibc's default, each in a fresh process
-    (call it before loading data or models in this one)."""
-    fixed, default = [], []
+) -> tuple[list[MemoryRow], list[MemoryRow], list[MemoryRow]]:
+    """``measure_readout_memory`` of ``readouts``, each in a fresh process (call it before
+    loading data or models in this one): at every ``MEMORY_SIZES`` with the results on disk
+    (``ON_DISK``) under ``FIXED_MMAP``; at the largest size with the results in RAM (the
+    default below ``MEMMAP_ABOVE``) under ``FIXED_MMAP``; and there under glibc's default."""
+    fixed, in_ram, default = [], [], []
+    largest = max(MEMORY_SIZES)
     for readout in readouts:
-        with environment(FIXED_MMAP):
+        with environment({**FIXED_MMAP, **ON_DISK}):
             fixed += [
                 in_fresh_process(measure_readout_memory, str(root), readout, n)
                 for n in MEMORY_SIZES
             ]
-        largest = max(MEMORY_SIZES)
+        with environment(FIXED_MMAP):
+            in_ram.append(in_fresh_process(measure_readout_memory, str(root), readout, largest))
         default.append(in_fresh_process(measure_readout_memory, str(root), readout, largest))
-    return fixed, default
+    return fixed, in_ram, default
 
 
 @contextmanager
@@ -515,29 +544,36 @@ def readout_cost_table(costs: Sequence[ReadoutCost]) -> list[str]:
         "",
         "Seconds of a read-out of K E1 stage embeddings over the test set divided by K x the "
         "seconds of one inference pass (`torch.no_grad` forward) over it, quantity loss, batches "
-        f"of {READOUT_BATCH}: the linear read-out runs all K stages in one jvp vectorised over "
-        "the stages (`torch.func.vmap`), the evaluated one K + 1 plain passes (theta_T's once); "
-        "the per-stage loops: one jvp per stage, and theta_T once then one pass per stage "
-        "through `ModelAt.moved`. Aims: linear <= 2, evaluated <= 1.2 (floors: docs/scale.md).",
+        f"of {READOUT_BATCH}. Linear: as it runs, contracted in reverse mode (one forward, one "
+        "backward to the activations, about one forward per stage), and as the vectorised jvp "
+        "(`contract=False`: the primal once, K tangent passes batched with `torch.func.vmap`). "
+        "Evaluated: K + 1 plain passes (theta_T's once); beyond theta_T: the same less the "
+        "seconds of theta_T's own pass (the behaviour's value itself), the cost each added "
+        "stage brings; per-stage loop: theta_T once, then one pass per stage through "
+        "`ModelAt.moved`. Aims: linear <= 2, evaluated <= 1.2 (floors: docs/scale.md).",
         "",
-        "| model | examples | K | inference s | linear | evaluated | linear, per-stage loop | "
-        "evaluated, per-stage loop |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | examples | K | inference s | linear | linear, vectorised jvp | evaluated | "
+        "evaluated, beyond theta_T | evaluated, per-stage loop |",
+        "|---|---|---|---|---|---|---|---|---|",
         *(
             f"| {c.model} | {c.examples:,} | {c.stages} | {c.inference:.3g} | "
-            f"{c.ratio(c.linear):.3g} | {c.ratio(c.evaluated):.3g} | "
-            f"{c.ratio(c.linear_per_stage):.3g} | {c.ratio(c.evaluated_per_stage):.3g} |"
+            f"{c.ratio(c.linear):.3g} | {c.ratio(c.linear_jvp):.3g} | "
+            f"{c.ratio(c.evaluated):.3g} | {c.ratio(c.evaluated - c.final_values):.3g} | "
+            f"{c.ratio(c.evaluated_per_stage):.3g} |"
             for c in costs
         ),
         "",
     ]
 
 
-def memory_table(rows: tuple[Sequence[MemoryRow], Sequence[MemoryRow]]) -> list[str]:
+def memory_table(
+    rows: tuple[Sequence[MemoryRow], Sequence[MemoryRow], Sequence[MemoryRow]],
+) -> list[str]:
     """Peak memory of the audit's read-outs at growing test-set sizes (``readout_memory``)."""
-    fixed, default = rows
+    fixed, in_ram, default = rows
     sizes = sorted({r.examples for r in fixed})
     by = {(r.readout, r.examples): r for r in fixed}
+    at_ram = {r.readout: r for r in in_ram}
     at_default = {r.readout: r for r in default}
     readouts = list(dict.fromkeys(r.readout for r in fixed))
 
@@ -552,22 +588,26 @@ def memory_table(rows: tuple[Sequence[MemoryRow], Sequence[MemoryRow]]) -> list[
         "above the memory once imports, the final model, the embeddings and the inputs "
         f"({max(sizes) * 784 * 4 / 2**20:.0f} MiB at {max(sizes):,} images) are loaded; a "
         f"fresh process per cell, one read-out of {READOUT_BATCH} examples first, then the "
-        f"peak is reset. Batches of {READOUT_BATCH}; per-example results are memory-mapped "
-        f"beyond {MEMMAP_ABOVE:,} numbers (`{MEMMAP_VARIABLE}`). Under glibc's allocator with a "
-        f"fixed mmap threshold (`MALLOC_MMAP_THRESHOLD_={FIXED_MMAP['MALLOC_MMAP_THRESHOLD_']}`),"
+        f"peak is reset. Batches of {READOUT_BATCH}; per-example results written to disk "
+        f"(`{MEMMAP_VARIABLE}=0`: mapped back unread, docs/scale.md), so that the peak is the "
+        "read-out's working memory; the column after the spread keeps them in RAM (the default "
+        f"below {MEMMAP_ABOVE:,} numbers: K x N x 8 bytes more). Under glibc's allocator with "
+        f"a fixed mmap threshold (`MALLOC_MMAP_THRESHOLD_={FIXED_MMAP['MALLOC_MMAP_THRESHOLD_']}`),"
         " so that freed batch buffers leave; the last column, glibc's default (the heap keeps "
         "freed buffers, fragmented).",
         "",
         "| read-out | "
         + " | ".join(f"{n:,} examples: peak MiB (s)" for n in sizes)
-        + f" | largest / smallest peak - 1 | {max(sizes):,}, glibc default: peak MiB |",
-        "|---|" + "---|" * (len(sizes) + 2),
+        + f" | largest / smallest peak - 1 | {max(sizes):,}, results in RAM: peak MiB "
+        f"| {max(sizes):,}, glibc default: peak MiB |",
+        "|---|" + "---|" * (len(sizes) + 3),
         *(
             f"| {readout} | "
             + " | ".join(
                 f"{by[readout, n].peak_mib:.1f} ({by[readout, n].seconds:.2g})" for n in sizes
             )
-            + f" | {spread(readout)} | {at_default[readout].peak_mib:.1f} |"
+            + f" | {spread(readout)} | {at_ram[readout].peak_mib:.1f} "
+            f"| {at_default[readout].peak_mib:.1f} |"
             for readout in readouts
         ),
         "",
@@ -583,11 +623,11 @@ def render(
     gradients: Sequence[GradientRow],
     text: tuple[str, Sequence[Cost], Sequence[Cost]],
     readout_costs: Sequence[ReadoutCost] = (),
-    memory: tuple[Sequence[MemoryRow], Sequence[MemoryRow]] | None = None,
+    memory: tuple[Sequence[MemoryRow], Sequence[MemoryRow], Sequence[MemoryRow]] | None = None,
 ) -> str:
     """The Markdown section: provenance, then the tables."""
     truth = next(c.seconds for c in costs if c.method == "ground truth")
-    jvp = gradients[0].seconds
+    readout = gradients[0].seconds
     lines = [
         *provenance(
             "## Cost and throughput (generated)",
@@ -621,13 +661,17 @@ def render(
         f"| evaluated read-out | {throughput.evaluated:,.0f} | "
         f"{throughput.inference / throughput.evaluated:.3g} |",
         "",
-        f"### jvp read-out against per-example gradients ({GRADIENT_EXAMPLES:,} test images, "
+        f"### Linear read-out against per-example gradients ({GRADIENT_EXAMPLES:,} test images, "
         f"{throughput.stages} E1 stage embeddings)",
         "",
-        "| method | batch | seconds | jvp speed-up | max abs diff from jvp (nats) |",
+        "The linear read-out as it runs (contracted in reverse mode, docs/scale.md), the "
+        "vectorised jvp it replaced, and per-example gradients dotted with the embeddings.",
+        "",
+        "| method | batch | seconds | x the read-out's seconds | max abs diff from the "
+        "read-out (nats) |",
         "|---|---|---|---|---|",
         *(
-            f"| {r.method} | {r.batch} | {r.seconds:.3g} | {r.seconds / jvp:.3g} | "
+            f"| {r.method} | {r.batch} | {r.seconds:.3g} | {r.seconds / readout:.3g} | "
             f"{r.max_abs_diff:.2g} |"
             for r in gradients
         ),
