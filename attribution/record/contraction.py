@@ -106,7 +106,7 @@ def contracted_along(
             quantity = module_call(values, x, y)
         k, b = next(iter(stacked.values())).shape[0], len(y)
         total = torch.zeros(k, b, dtype=torch.float64, device=quantity.device)
-        if not recorder.sites:
+        if not recorder.sites or not quantity.requires_grad:
             return total
         for site in recorder.sites:
             if site.output._version != site.version:

@@ -288,7 +288,7 @@ def _checked_once(
             return jvps(x, y)
         try:
             out = contracted(x, y)
-        except NotContractible:
+        except (NotContractible, RuntimeError):  # the jvp raises it again if the model is at fault
             state[0] = False
             return jvps(x, y)
         if state[0] is None:
@@ -390,7 +390,8 @@ class Results:
     def __init__(self, shape: tuple[int, ...], above: int | None = None) -> None:
         above = memmap_above() if above is None else above
         self.shape, self.count = shape, math.prod(shape)
-        self.file = tempfile.TemporaryFile() if self.count > above else None
+        # closed by ``tensor`` (or, after an error, with this object): it spans the batches
+        self.file = tempfile.TemporaryFile() if self.count > above else None  # noqa: SIM115
         self.memory = None if self.file else torch.empty(shape, dtype=torch.float64)
 
     def write(self, start: int, part: Tensor) -> None:
