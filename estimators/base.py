@@ -70,12 +70,18 @@ class Arguments:
     raise ``SpecError`` naming the setting."""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The settings as stored beside the results (JSON's types: a tuple is a list)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     def changed(self) -> dict[str, Any]:
         """The settings that differ from the defaults."""
         defaults = type(self)().to_dict()
         return {k: v for k, v in self.to_dict().items() if defaults[k] != v}
+
+
+def _shown(value: Any) -> str:
+    """A setting's value in a label: a list of names as ``a+b``."""
+    return "+".join(map(str, value)) if isinstance(value, tuple | list) else str(value)
 
 
 class Estimator:
@@ -124,7 +130,7 @@ class Estimator:
             head = self.name
         if not changed:
             return head
-        return f"{head}({', '.join(f'{k}={v}' for k, v in sorted(changed.items()))})"
+        return f"{head}({', '.join(f'{k}={_shown(v)}' for k, v in sorted(changed.items()))})"
 
     def offsets(self, traj: Trajectory, counts: dict[str, int]) -> dict[str, Offsets]:
         raise NotImplementedError

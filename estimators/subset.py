@@ -22,6 +22,11 @@ the parameters most keep most of their batch; ``"uniform"`` takes ``w_t = B_t``,
 fraction of every batch. Steps allotted no example are skipped entirely (no optimizer step, so
 no momentum or Adam update either). A subset's mean-reduced loss has the batch's scale; only its
 composition differs. ``budget = 1`` replays every example of every step: the truth, bit for bit.
+
+``exact`` names stages whose embedding is the truth instead (retraining without them,
+``attribution.record.counterfactual.skip_stage``, stored and reused): the audit asks for it when
+the budget covers retraining without the later stages, whose later steps are few, but not
+without the earlier ones.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from attribution.record.counterfactual import retrain_after
+from attribution.record.counterfactual import retrain_after, skip_stage
 from attribution.record.errors import SpecError
 from attribution.record.trajectory import StageRecord, StepLog, Trajectory
 from estimators.base import (
@@ -54,11 +59,12 @@ class SubsetArguments(Arguments):
     """``budget``: fraction of the later steps' examples replayed (0 < budget <= 1; 1 is the
     truth); ``allocation``: how they are shared among steps (``sqrt_lr``: in proportion to the
     square root of the step's learning rate; ``uniform``: the same fraction of every batch);
-    ``seed``: the random subsets."""
+    ``seed``: the random subsets; ``exact``: stages retrained exactly instead (the truth)."""
 
     budget: float = 0.25
     allocation: str = "sqrt_lr"
     seed: int = 0
+    exact: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         budget = self.budget
@@ -78,6 +84,14 @@ class SubsetArguments(Arguments):
             raise SpecError(
                 "subset.seed", f"expected a non-negative integer, got {self.seed!r}", "give e.g. 0"
             )
+        exact = self.exact
+        if isinstance(exact, str) or not all(isinstance(n, str) for n in exact):
+            raise SpecError(
+                "subset.exact",
+                f"expected a list of stage names, got {exact!r}",
+                "give e.g. [adapt]",
+            )
+        object.__setattr__(self, "exact", tuple(sorted(exact)))
 
 
 class Subset(Estimator):
@@ -92,8 +106,22 @@ class Subset(Estimator):
         state_names = [*names, *final_buffer_names(traj)]
         last = len(traj.stages) - 1
         final = traj.checkpoint(last, "end")
+        unknown = sorted(set(self.arguments.exact) - set(traj.names))
+        if unknown:
+            raise SpecError(
+                "subset.exact",
+                f"{unknown} are not stages of this run",
+                f"name stages among {', '.join(traj.names)}",
+            )
         out = {}
         for k, record in enumerate(traj.stages[:-1]):
+            if record.name in self.arguments.exact:
+                skipped = skip_stage(traj, k).state
+                out[record.name] = {n: skipped[n].double() - final[n].double() for n in state_names}
+                counts["retrained_steps"] = counts.get("retrained_steps", 0) + sum(
+                    r.num_steps for r in traj.stages[k + 1 :]
+                )
+                continue
             later = [(traj.stages[j], traj.steps(j)) for j in range(k + 1, len(traj.stages))]
             subsets = subset_schedule(later, self.arguments, k)
             carried = traj.optimizer_state(k - 1, "end") if k else {}

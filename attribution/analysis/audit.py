@@ -87,6 +87,7 @@ class Audit:
         out["estimator"]["counts"] = dict(self.estimator.counts)
         if self.plan is not None:
             out["plan"]["predicted_seconds"] = dict(self.plan.predicted_seconds)
+            out["plan"]["settings"] = dict(self.plan.settings)
         return out
 
 
@@ -208,7 +209,7 @@ def audit(
                 "name the estimator whose settings they are (--estimator NAME)",
             )
         chosen = plan(traj, budget)
-        estimator = chosen.estimator
+        estimator, settings = chosen.estimator, dict(chosen.settings) or None
     embeddings, run = embeddings_of(estimator, traj, settings)
     model = final_model(traj)
 

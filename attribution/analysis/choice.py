@@ -2,13 +2,15 @@
 
 ``plan`` chooses the method for ``--estimator auto``: the truth (retraining without each stage)
 when the recording allows a replay and the retraining is predicted to fit the budget; else a
-subset replay with its reliability check when that fits; else the curvature-free E1 (or E0
-when the optimizer's record is missing). It says why, and what would make the answer better.
+subset replay with its reliability check when that fits, with the truth for the later stages
+whose retraining (few later steps) fits beside it; else the curvature-free E1 (or E0 when the
+optimizer's record is missing). It says why, and what would make the answer better.
 
 ``labels`` puts one of ``LABELS`` on every stage's estimate, with the evidence behind it:
 
-- ``exact``: the truth itself, or the last stage with the evaluated read-out (every estimator's
-  last-stage embedding is that stage's exact displacement);
+- ``exact``: the truth itself (also for the stages a subset replay retrained exactly), or the
+  last stage with the evaluated read-out (every estimator's last-stage embedding is that
+  stage's exact displacement);
 - for a subset replay, two more independent replays at half its budget are compared, per
   example: Pearson >= ``RELIABLE_AGREEMENT`` is ``reliable``, >= ``UNCERTAIN_AGREEMENT``
   ``uncertain``, below ``unreliable`` (a half-budget replay that diverges: ``unreliable``). The
@@ -25,7 +27,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from torch import Tensor
@@ -56,13 +59,15 @@ Readout = Callable[..., dict[str, Tensor]]
 class Plan:
     """The method ``auto`` chose (a registry name: ``truth``, ``subset:0.25``, ``e1``), why,
     the predicted seconds it weighed (``truth``: retraining without every stage, 0 for stored
-    ones), the budget, and what would make the answer better."""
+    ones), the budget, what would make the answer better, and the method's settings (a subset
+    replay's ``exact``: the stages retrained exactly because their retraining fits)."""
 
     estimator: str
     reason: str
     predicted_seconds: Mapping[str, float]
     budget: float
     better: str
+    settings: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -94,30 +99,35 @@ def replay_problem(traj: Trajectory, evidence: AbstractSet[str] | None = None) -
 def predicted_truth_seconds(traj: Trajectory) -> float:
     """Seconds to retrain without every stage, from a few timed steps of each later stage;
     counterfactuals already stored cost nothing."""
+    return sum(truth_seconds_by_stage(traj).values())
+
+
+def truth_seconds_by_stage(traj: Trajectory) -> dict[str, float]:
+    """Per stage, the seconds to retrain without it (its later stages' steps, timed as in
+    ``predicted_truth_seconds``); 0 where that is stored."""
     later = {j: r.num_steps * step_seconds(traj, j) for j, r in enumerate(traj.stages) if j}
-    total = 0.0
+    out = {}
     for k, record in enumerate(traj.stages):
         folder = f"counterfactuals/skip-{record.name}"
-        if load_artifact(traj, folder, FINAL, SCHEMA, SCHEMA_VERSION) is None:
-            total += sum(seconds for j, seconds in later.items() if j > k)
-    return total
+        stored = load_artifact(traj, folder, FINAL, SCHEMA, SCHEMA_VERSION) is not None
+        out[record.name] = 0.0 if stored else sum(s for j, s in later.items() if j > k)
+    return out
 
 
-def predicted_subset_seconds(traj: Trajectory, budget: float = SUBSET_BUDGET) -> float:
-    """Seconds of a subset replay at ``budget`` and its reliability check (two more at half the
-    budget), from a few timed steps of each later stage on that share of their batches: every
-    later step still runs, so a small share costs more than its share of the truth."""
-    later = [j for j in range(1, len(traj.stages))]
+def subset_seconds_by_stage(traj: Trajectory, budget: float = SUBSET_BUDGET) -> dict[str, float]:
+    """Per stage before the last, the seconds of its subset replay at ``budget`` and of its
+    reliability check (two more at half the budget), from a few timed steps of each later stage
+    on that share of their batches: every later step still runs, so a small share costs more
+    than its share of the truth."""
+    later = range(1, len(traj.stages))
     seconds = {
         share: {j: traj.stages[j].num_steps * step_seconds(traj, j, fraction=share) for j in later}
         for share in (budget, budget / 2)
     }
-    return sum(
-        seconds[budget][j] + 2 * seconds[budget / 2][j]
-        for k in range(len(traj.stages) - 1)
-        for j in later
-        if j > k
-    )
+    return {
+        record.name: sum(seconds[budget][j] + 2 * seconds[budget / 2][j] for j in later if j > k)
+        for k, record in enumerate(traj.stages[:-1])
+    }
 
 
 def plan(
@@ -151,19 +161,29 @@ def plan(
             budget,
             "nothing: this is the exact answer",
         )
-    subset = predicted[f"subset:{SUBSET_BUDGET}"] = predicted_subset_seconds(traj)
+    retraining, replaying = truth_seconds_by_stage(traj), subset_seconds_by_stage(traj)
+    subset = predicted[f"subset:{SUBSET_BUDGET}"] = sum(replaying.values())
     needed = math.ceil(truth)
     better = f"a budget of {needed} s would compute the truth (--budget {needed})"
-    if subset <= budget:
-        return Plan(
-            f"subset:{SUBSET_BUDGET}",
+    earlier = traj.names[:-1]  # the last stage's embedding is exact for every estimator
+    for first in range(1, len(earlier) + 1):  # retrain without earlier[first:], replay the rest
+        exact = earlier[first:]
+        cost = sum(retraining[s] for s in exact) + sum(replaying[s] for s in earlier[:first])
+        if cost > budget:
+            continue
+        name = f"subset:{SUBSET_BUDGET}"
+        reason = (
             f"retraining is predicted to take {truth:.1f} s, over the budget of {budget:g} s; "
             f"a subset replay of {SUBSET_BUDGET:.0%} of the later examples with its reliability "
-            f"check is predicted at {subset:.1f} s",
-            predicted,
-            budget,
-            better,
+            f"check is predicted at {subset:.1f} s"
         )
+        if exact:
+            predicted[f"{name} with the truth for {', '.join(exact)}"] = cost
+            reason += (
+                f"; retraining without {', '.join(exact)} (whose later steps are few) and "
+                f"replaying the rest, {cost:.1f} s, fits: {', '.join(exact)} exact"
+            )
+        return Plan(name, reason, predicted, budget, better, {"exact": list(exact)})
     return Plan(
         "e1",
         f"retraining ({truth:.1f} s) and a subset replay ({subset:.1f} s) are predicted over "
@@ -187,10 +207,11 @@ def labels(
     estimator = build(embeddings.estimator, embeddings.settings)
     checked = _agreement(traj, estimator, effects_of) if estimator.name == "subset" else {}
     out = {}
+    retrained = set(estimator.settings().get("exact", ())) if estimator.name == "subset" else set()
     for stage in traj.names:
-        exact_embedding = estimator.name == "truth" or stage == last
+        exact_embedding = estimator.name == "truth" or stage == last or stage in retrained
         if exact_embedding and readout == "evaluated":
-            out[stage] = _exact(estimator, readout)
+            out[stage] = _exact(estimator, readout, stage in retrained)
         elif exact_embedding:
             out[stage] = Label(
                 "uncertain",
@@ -209,8 +230,8 @@ def labels(
     return out
 
 
-def _exact(estimator: Estimator, readout: str) -> Label:
-    if estimator.name == "truth":
+def _exact(estimator: Estimator, readout: str, retrained: bool = False) -> Label:
+    if estimator.name == "truth" or retrained:
         return Label("exact", "retrained without the stage (the truth), evaluated read-out")
     return Label(
         "exact",

@@ -104,9 +104,9 @@ def test_over_budget_a_subset_replay_is_labelled_by_two_independent_replays(
     run_copy, behaviors, per_step
 ):
     traj = Trajectory.open(run_copy, cache=False)
-    truth = predicted_truth(traj, per_step)
-    result = audit(traj, "auto", behaviors, budget=0.75 * truth)
-    assert result.plan.estimator == "subset:0.25"
+    subset = plan(traj, 0.0).predicted_seconds["subset:0.25"]
+    result = audit(traj, "auto", behaviors, budget=1.01 * subset)  # the truth for no stage fits
+    assert result.plan.estimator == "subset:0.25" and result.plan.settings == {"exact": []}
     assert "--budget" in result.plan.better
     *earlier, last = traj.names
     assert result.labels[last].label == "exact"
@@ -195,3 +195,29 @@ def test_a_check_replay_that_diverges_labels_the_estimates_unreliable(
     labels = audit(traj, "subset:0.5", behaviors).labels
     for stage in traj.names[:-1]:
         assert labels[stage].label == "unreliable" and "diverged" in labels[stage].evidence
+
+
+def test_the_later_stages_whose_retraining_fits_are_exact_beside_a_subset_replay(
+    run_copy, behaviors, per_step
+):
+    traj = Trajectory.open(run_copy, cache=False)
+    first, second, _ = traj.names
+    steps = [r.num_steps for r in traj.stages]
+    share = choice.SUBSET_BUDGET
+    check = (FIXED + (1 - FIXED) * share) + 2 * (FIXED + (1 - FIXED) * share / 2)
+    retrain_second = per_step * steps[2]
+    replay_first = per_step * (steps[1] + steps[2]) * check
+    budget = 1.01 * (retrain_second + replay_first)
+    assert budget < predicted_truth(traj, per_step)  # the premise: the whole truth does not fit
+    decided = plan(traj, budget)
+    assert (decided.estimator, dict(decided.settings)) == ("subset:0.25", {"exact": [second]})
+    assert f"retraining without {second}" in decided.reason
+    result = audit(traj, "auto", behaviors, budget=budget)
+    assert result.labels[second].label == "exact" and "the truth" in result.labels[second].evidence
+    assert result.labels[first].label in LABELS[1:] and result.labels[first].agreement is not None
+    truth = audit(traj, "truth", behaviors)
+    assert (
+        result.behaviors["test_loss"].effects[second]
+        == truth.behaviors["test_loss"].effects[second]
+    )
+    assert result.to_json()["plan"]["settings"] == {"exact": [second]}

@@ -108,3 +108,22 @@ def test_settings_are_typed_and_refused_with_a_fix():
     for bad in ({"budget": 0}, {"budget": 1.5}, {"allocation": "random"}, {"seed": -1}):
         with pytest.raises(SpecError, match="Fix"):
             Subset(**bad)
+    with pytest.raises(SpecError, match="Fix"):
+        Subset(exact="adapt")
+
+
+def test_stages_named_exact_are_the_truth_and_the_others_the_same_replay():
+    traj = three_stage()
+    first, second, _ = traj.names
+    mixed = Subset(budget=0.25, exact=[second]).embed(traj)
+    plain = Subset(budget=0.25).embed(traj)
+    final = traj.checkpoint(len(traj.stages) - 1, "end")
+    skipped = skip_stage(traj, second).state
+    for name, value in mixed.offsets[second].items():
+        assert torch.equal(value, skipped[name].double() - final[name].double())
+    for name, value in mixed.offsets[first].items():
+        assert torch.equal(value, plain.offsets[first][name])
+    assert mixed.counts["examples"] == round(0.25 * 12 * 32)  # the first stage's replay only
+    assert build("subset", {"exact": [second]}).label == f"subset:0.25(exact={second})"
+    with pytest.raises(SpecError, match="not stages of this run"):
+        Subset(exact=["nowhere"]).embed(traj)
