@@ -11,7 +11,9 @@ table row per label: how many stage estimates got it, how often Pearson >= 0.9, 
 sign was right. Then, for the aggregate behaviours (group means and gaps) of runs that hold
 the noise ceiling's retrainings: in how many stage effects the recorded retraining and the
 reshuffled ones agree on the sign, how often the estimate's sign is right there, and how often
-the estimate orders the stages as the truth does. Exit 2 without runs.
+the estimate orders the stages as the truth does. Last, what ``stagetrace audit RUN`` itself
+chooses on each run at the default budget (``choice.plan``), the retraining's seconds predicted
+as if nothing were stored. Exit 2 without runs.
 """
 
 from __future__ import annotations
@@ -25,9 +27,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from attribution.analysis import metrics
 from attribution.analysis.audit import audit, load_behaviors
 from attribution.analysis.behaviors import Behavior
-from attribution.analysis.choice import LABELS
+from attribution.analysis.choice import DEFAULT_BUDGET, LABELS, plan
 from attribution.record.counterfactual import skip_stage_shuffled
 from attribution.record.evaluation import final_model
 from attribution.record.trajectory import Trajectory
@@ -94,6 +99,16 @@ class Aggregate:
     agreed: dict[str, bool]
     sign_right: dict[str, bool]
     ranking_right: bool
+    estimated: dict[str, float]
+    true: dict[str, float]
+
+    def hybrid_ranking_right(self) -> bool:
+        """Whether the stages are ordered as the truth orders them when every stage after the
+        first is the truth (``auto``'s answer when their retraining fits beside the first
+        stage's subset replay) and the first the estimate."""
+        first = next(iter(self.true))
+        mixed = [self.estimated[s] if s == first else t for s, t in self.true.items()]
+        return metrics.same_ranking(np.array(mixed), np.array(list(self.true.values())))
 
 
 def aggregates(run: Path) -> list[Aggregate]:
@@ -136,6 +151,8 @@ def aggregates(run: Path) -> list[Aggregate]:
                     agreed,
                     {s: r["sign_right"] for s, r in mine.items()},
                     all(r["ranking_matches"] for r in mine.values()),
+                    {s: r["estimated"] for s, r in mine.items()},
+                    {s: r["true"] for s, r in mine.items()},
                 )
             )
     return out
@@ -157,13 +174,62 @@ def aggregate_table(found: Sequence[Aggregate], labels: Mapping[tuple[str, str],
         lines.append(f"| {label} | {len(mine)} | {share} |")
     ranked = sum(a.ranking_right for a in found)
     total = sum(len(a.agreed) for a in found)
+    first = [(a, s) for a, s in agreed if s == next(iter(a.true))]
+    first_right = sum(a.sign_right[s] for a, s in first)
+    hybrid = sum(a.hybrid_ranking_right() for a in found)
     return [
         *lines,
         "",
         f"{len(found)} aggregate outputs (run x output), {total} stage effects of which the "
         f"truth's retrainings agree in sign on {len(agreed)}; the estimate orders the stages as "
         f"the truth does for {ranked} of the {len(found)} outputs ({ranked / len(found):.0%}).",
+        "",
+        "With the truth for every stage after the first (what `auto` answers when retraining "
+        "without them fits the budget beside the first stage's subset replay, "
+        "`docs/design.md`, section 5b): the first stage's sign right in "
+        f"{first_right} of the {len(first)} effects on which the truth's retrainings agree "
+        f"({first_right / len(first):.0%}), the stages ordered as the truth orders them for "
+        f"{hybrid} of the {len(found)} outputs ({hybrid / len(found):.0%}).",
     ]
+
+
+@dataclass(frozen=True)
+class Pick:
+    """What ``stagetrace audit`` (``--estimator auto``, default budget) chooses for one run,
+    and the retraining seconds it predicted."""
+
+    run: str
+    estimator: str
+    truth_seconds: float
+
+
+def pick(run: Path) -> Pick:
+    """The audit's choice on one fidelity run, as ``stagetrace audit RUN`` makes it (the
+    retraining's seconds predicted from timed steps, as if nothing were stored)."""
+    chosen = plan(Trajectory.open(run / "trajectory", cache=False))
+    return Pick(str(run), chosen.estimator, chosen.predicted_seconds.get("truth", math.nan))
+
+
+def picks_lines(picks: Sequence[Pick], grouped: Sequence[Aggregate]) -> list[str]:
+    """What the audit chooses across the runs, and what that means for the aggregates."""
+    chosen = {p.estimator for p in picks}
+    seconds = [p.truth_seconds for p in picks]
+    lines = [
+        f"What `stagetrace audit RUN` chooses (`--estimator auto`, the default budget of "
+        f"{DEFAULT_BUDGET:g} s) on these {len(picks)} runs: "
+        + ", ".join(f"`{e}` for {sum(p.estimator == e for p in picks)}" for e in sorted(chosen))
+        + f", retraining predicted at {min(seconds):.1f}-{max(seconds):.1f} s."
+    ]
+    if chosen == {"truth"} and grouped:
+        agreed = sum(ok for a in grouped for ok in a.agreed.values())
+        lines.append(
+            f"Its aggregate effects are then the truth's: the sign right for all {agreed} stage "
+            "effects on which the truth's retrainings agree, and the stages ordered as the "
+            f"truth orders them for all {len(grouped)} outputs. Below the truth's predicted "
+            f"seconds it answers as the tables above say (`{ESTIMATOR}`, with the truth for "
+            "the later stages whose retraining fits)."
+        )
+    return lines
 
 
 def table(found: Sequence[Case]) -> list[str]:
@@ -191,6 +257,7 @@ def section(dirs: Sequence[Path], command: str) -> str:
     runs = sorted({p.parent for d in dirs for p in Path(d).rglob("fidelity.json")})
     found = [c for run in runs for c in cases(run)]
     grouped = [a for run in runs for a in aggregates(run)]
+    picks = [pick(run) for run in runs]
     if not found:
         raise SectionError(
             f"no fidelity run with {ESTIMATOR} rows under {', '.join(map(str, dirs))}. Fix: run "
@@ -227,6 +294,8 @@ def section(dirs: Sequence[Path], command: str) -> str:
                 if grouped
                 else ["(no run holds group rows and a ceiling)"]
             ),
+            "",
+            *picks_lines(picks, grouped),
             "",
             "<details><summary>Every stage estimate</summary>",
             "",

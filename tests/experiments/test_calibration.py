@@ -60,5 +60,21 @@ def test_labels_are_set_against_the_truth_the_run_measured(tmp_path, capsys):
     subset = [r for r in group if r["estimator"] == "subset:0.25"]
     ranked = len({r["output"] for r in subset if r["ranking_matches"]})
     assert f"for {ranked} of the 3 outputs" in summary
+    # with the truth for every stage after the first, only pretrain is estimated
+    hybrid = 0
+    for output in {r["output"] for r in subset}:
+        rows_of = {r["stage"]: r for r in subset if r["output"] == output}
+        true = [rows_of[s]["true"] for s in ("pretrain", "finetune", "adapt")]
+        mixed = [rows_of["pretrain"]["estimated"], *true[1:]]
+        hybrid += sorted(range(3), key=lambda i: -mixed[i]) == sorted(
+            range(3), key=lambda i: -true[i]
+        )
+    assert f"for {hybrid} of the 3 outputs" in next(
+        x for x in text.splitlines() if x.startswith("With the truth for every stage after")
+    )
+    # what the audit itself chooses there: the smoke run's retraining fits the default budget
+    chosen = next(x for x in text.splitlines() if x.startswith("What `stagetrace audit RUN`"))
+    assert "`truth` for 1, retraining predicted at" in chosen
+    assert f"the sign right for all {agreed} stage effects" in text
     capsys.readouterr()
     assert main([str(tmp_path / "none")]) == 2

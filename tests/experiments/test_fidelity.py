@@ -141,6 +141,20 @@ def test_report_writes_only_its_section_and_the_figures(smoke_run, tmp_path):
     assert "stale" not in text and "from 1 runs" in text
     assert "| later mass/(1-μ) | ceiling |" in text  # the regime map's noise-ceiling column
     assert "| × truth seconds | of ceiling | runs |" in text
+    # the audit's target, per configuration, from the run's own rows
+    rows = json.loads((smoke_run / "fidelity.json").read_text())["rows"]
+    line = next(x for x in text.splitlines() if x.startswith("- `later="))
+    if "no estimator cost" not in line:
+        best = line.split("the best is `")[1].split("`")[0]
+        readout = line.split(f"`{best}` (")[1].split(")")[0]
+        finetune = next(
+            r["pearson"]
+            for r in rows
+            if (r["estimator"], r["readout"], r["stage"], r["behavior"])
+            == (best, readout, "finetune", "test_loss")
+        )
+        assert f"finetune Pearson {finetune:.3f}" in line
+    assert "At any cost, the closest is `" in line
     assert f"--out {out}" in text  # the command that reproduces it
     assert (figures / "fidelity_cost.png").stat().st_size > 0
     assert (figures / "fidelity_regime.png").stat().st_size > 0
