@@ -96,15 +96,9 @@ def replay_problem(traj: Trajectory, evidence: AbstractSet[str] | None = None) -
     return None
 
 
-def predicted_truth_seconds(traj: Trajectory) -> float:
-    """Seconds to retrain without every stage, from a few timed steps of each later stage;
-    counterfactuals already stored cost nothing."""
-    return sum(truth_seconds_by_stage(traj).values())
-
-
 def truth_seconds_by_stage(traj: Trajectory) -> dict[str, float]:
-    """Per stage, the seconds to retrain without it (its later stages' steps, timed as in
-    ``predicted_truth_seconds``); 0 where that is stored."""
+    """Per stage, the seconds to retrain without it, from a few timed steps of each later stage
+    (``step_seconds``); 0 where that counterfactual is stored."""
     later = {j: r.num_steps * step_seconds(traj, j) for j, r in enumerate(traj.stages) if j}
     out = {}
     for k, record in enumerate(traj.stages):
@@ -150,7 +144,8 @@ def plan(
             "record the batch order and an importable data reference of every stage (a "
             "replayable recording), so that the truth or a replay estimate can be computed",
         )
-    truth = predicted_truth_seconds(traj)
+    retraining = truth_seconds_by_stage(traj)
+    truth = sum(retraining.values())
     predicted = {"truth": truth}
     if truth <= budget:
         return Plan(
@@ -161,7 +156,7 @@ def plan(
             budget,
             "nothing: this is the exact answer",
         )
-    retraining, replaying = truth_seconds_by_stage(traj), subset_seconds_by_stage(traj)
+    replaying = subset_seconds_by_stage(traj)
     subset = predicted[f"subset:{SUBSET_BUDGET}"] = sum(replaying.values())
     needed = math.ceil(truth)
     better = f"a budget of {needed} s would compute the truth (--budget {needed})"
