@@ -10,8 +10,10 @@ y_u being the operation's output and J_u its Jacobian in the parameters it takes
 pass at theta records those operations (a ``TorchFunctionMode``); one backward pass of
 sum_i f_i gives every example's cotangent d f_i / d y_u at once, since in eval mode example i's
 quantity depends on example i's rows alone; and each operation's tangent J_u t_k is formed for
-the K tangents together: for ``F.linear`` the K weight offsets as one matrix product, elsewhere a
-jvp of that one operation vectorised over the tangents. The cost is one forward, one backward to
+the K tangents together: for ``F.linear`` and ``F.conv2d`` the K weight offsets as one product
+(or, over sequences, each example's weight gradient once), for ``F.layer_norm`` and
+``F.group_norm`` sums of g * x_hat, elsewhere a jvp of that one operation vectorised over the
+tangents. The cost is one forward, one backward to
 the activations (no weight gradients) and, per tangent, about one forward of the parameterised
 operations: a forward-mode jvp needs two products per layer and tangent (W x' + W' x).
 
@@ -133,7 +135,8 @@ def _contract(
     if special is not None:
         bound = special[1].bind(*site.args, **site.kwargs)
         bound.apply_defaults()
-        if id(bound.arguments["input"]) not in derived:
+        ungrouped = bound.arguments.get("groups", 1) == 1
+        if id(bound.arguments["input"]) not in derived and ungrouped:
             return special[0](bound.arguments, cotangent, derived, k)
     tangent = _local_tangent(site.func, site.args, site.kwargs, derived)
     return (tangent * cotangent).reshape(k, cotangent.shape[0], -1).sum(-1)
@@ -158,7 +161,10 @@ def _linear(
     if id(weight) in derived:
         w = derived[id(weight)][1].reshape(k, -1)  # [K, out * in]
         positions = x.shape[1]
-        if positions * k <= positions + k:
+        if positions == 1:
+            moved = x[:, 0] @ w.reshape(k * out, -1).T  # [b, K * out]
+            total += torch.bmm(moved.view(b, k, out), g.reshape(b, out, 1)).reshape(b, k).T
+        elif positions * k <= positions + k:
             moved = x @ w.reshape(k * out, -1).T  # [b, s, K * out]
             total += (moved.view(b, positions, k, out) * g[:, :, None]).sum((1, 3)).T
         else:
@@ -188,13 +194,70 @@ def _layer_norm(
     return total
 
 
+def _group_norm(
+    args: Mapping[str, Any], g: Tensor, derived: Mapping[int, tuple[Tensor, Tensor]], k: int
+) -> Tensor:
+    """``F.group_norm(x, groups, w, b, eps)`` = x_hat * w + b per channel (dimension 1): per
+    example and channel, the sums over positions of g * x_hat and of g, against the K tangents
+    of w and b."""
+    x, weight, bias = args["input"], args["weight"], args["bias"]
+    b, channels = g.shape[0], g.shape[1]
+    g = g.reshape(b, channels, -1)
+    total = torch.zeros(k, b, dtype=g.dtype, device=g.device)
+    if weight is not None and id(weight) in derived:
+        normal = F.group_norm(x.detach(), args["num_groups"], eps=args["eps"])
+        total += derived[id(weight)][1] @ (g * normal.reshape(b, channels, -1)).sum(-1).T
+    if bias is not None and id(bias) in derived:
+        total += derived[id(bias)][1] @ g.sum(-1).T
+    return total
+
+
+def _conv2d(
+    args: Mapping[str, Any], g: Tensor, derived: Mapping[int, tuple[Tensor, Tensor]], k: int
+) -> Tensor:
+    """``F.conv2d``, linear in its weight: the K weight tangents stacked along the output
+    channels as one convolution, then summed against g per example; the bias as ``_linear``'s.
+    A grouped convolution takes the generic jvp (``_local_tangent``)."""
+    weight, bias = args["weight"], args["bias"]
+    b, out = g.shape[0], g.shape[1]
+    total = torch.zeros(k, b, dtype=g.dtype, device=g.device)
+    if id(weight) in derived:
+        stacked = derived[id(weight)][1]  # [K, out, in / groups, kh, kw]
+        moved = F.conv2d(
+            args["input"].detach(),
+            stacked.reshape(k * out, *stacked.shape[2:]),
+            None,
+            args["stride"],
+            args["padding"],
+            args["dilation"],
+        )
+        total += torch.bmm(moved.reshape(b, k, -1), g.reshape(b, -1, 1)).reshape(b, k).T
+    if bias is not None and id(bias) in derived:
+        total += derived[id(bias)][1] @ g.reshape(b, out, -1).sum(-1).T
+    return total
+
+
 def _linear_signature(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> None:
     """``F.linear``'s arguments (a builtin without a Python signature)."""
+
+
+def _conv2d_signature(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: Any = 1,
+    padding: Any = 0,
+    dilation: Any = 1,
+    groups: int = 1,
+) -> None:
+    """``F.conv2d``'s arguments (a builtin without a Python signature)."""
 
 
 _SPECIAL = {
     F.linear: (_linear, inspect.signature(_linear_signature)),
     F.layer_norm: (_layer_norm, inspect.signature(F.layer_norm)),
+    F.group_norm: (_group_norm, inspect.signature(F.group_norm)),
+    F.conv2d: (_conv2d, inspect.signature(_conv2d_signature)),
 }
 
 

@@ -1,7 +1,7 @@
 """The reverse-mode contraction behind the linear read-out, checked against forward-mode jvps
 (``torch.func.jvp``, one per tangent) in float64 on every model kind the project has: the MLP
 with LoRA adapters, the conv net (GroupNorm), the text transformer (embeddings, a position
-table, LayerNorm, attention, padding); and its refusals: a model whose use of the parameters it
+table, LayerNorm, attention, padding), and a grouped convolution (the generic path); and its refusals: a model whose use of the parameters it
 cannot contract, or that mixes examples, gets the jvp's numbers."""
 
 import pytest
@@ -29,6 +29,20 @@ def with_lora(module: MLP) -> MLP:
     return module
 
 
+class GroupedConv(nn.Module):
+    """A grouped convolution (the generic jvp's path) between two plain ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(1, 4, 3, stride=2)
+        self.b = nn.Conv2d(4, 4, 3, groups=2, bias=False)
+        self.head = nn.Linear(4 * 11 * 11, 10)
+
+    def forward(self, x):
+        h = torch.tanh(self.b(torch.tanh(self.a(x.reshape(len(x), 1, 28, 28)))))
+        return self.head(h.flatten(1))
+
+
 def models():
     torch.manual_seed(0)
     mlp = with_lora(MLP(hidden=[16, 8])).double()
@@ -41,6 +55,7 @@ def models():
     return {
         "mlp+lora": (mlp, images, labels),
         "cnn": (cnn, images, labels),
+        "grouped conv": (GroupedConv().double(), images, labels),
         "text": (text.double(), tokens, labels % 2),
     }
 
