@@ -1,8 +1,9 @@
 """The reverse-mode contraction behind the linear read-out, checked against forward-mode jvps
 (``torch.func.jvp``, one per tangent) in float64 on every model kind the project has: the MLP
 with LoRA adapters, the conv net (GroupNorm), the text transformer (embeddings, a position
-table, LayerNorm, attention, padding), and a grouped convolution (the generic path); and its refusals: a model whose use of the parameters it
-cannot contract, or that mixes examples, gets the jvp's numbers."""
+table, LayerNorm, attention, padding), and a grouped convolution (the generic path); and its
+refusals: a model whose use of the parameters it cannot contract, or that mixes examples, gets
+the jvp's numbers."""
 
 import pytest
 import torch
