@@ -192,8 +192,8 @@ def directional(
     covers any subset of ``model.point`` (the rest is held fixed) and is cast to each
     coordinate's dtype and device. Floating buffers are differentiated too: eval-mode BatchNorm
     is then run as its explicit formula, since torch's kernel refuses a derivative along running
-    statistics. Several tangents at once: ``derivatives_along`` (which also contracts them in
-    reverse mode; this is the plain jvp, the reference the contraction is checked against)."""
+    statistics. Several tangents at once: ``derivatives_along`` (which contracts them in
+    reverse mode; this is the plain jvp)."""
     placed = model.placed()
     along = derivatives_along(placed, [tangent], quantity, contract=False)
     return batched(
@@ -209,8 +209,9 @@ def derivatives_along(
 
     With ``contract`` (the default) they are computed in reverse mode, contracted where the
     parameters are used (``attribution.record.contraction``: one forward, one backward and
-    about one forward per tangent), after agreeing with the jvp below on the first batch's
-    first ``CHECKED_EXAMPLES`` examples; the jvp serves where they do not agree, where the
+    about one forward per tangent), after agreeing with per-example gradients
+    (``gradients_along``) on the first batch's first ``CHECKED_EXAMPLES`` examples; the jvp
+    below serves where they do not agree, where the
     model is not contractible, along buffers, and in an evaluation dtype other than the
     model's own. Otherwise all K tangents go through ONE jvp, vectorised over the tangents
     (``torch.func.vmap``): the primal forward pass runs once and the K tangent passes as one
@@ -263,24 +264,56 @@ def derivatives_along(
     vectorised = _with_fallback(all_at_once, one_by_one, len(tangents) > 1 and bool(names))
     if not contract or along_buffers or not names or evaluation_dtype() is not None:
         return jvps
-    contracted = contracted_along(
-        lambda values, x, y: per_example(model, values, x, y, quantity), point, stacked
-    )
-    return _checked_once(contracted, jvps)
+
+    def module_call(values: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return per_example(model, values, x, y, quantity)
+
+    def gradients(x: Tensor, y: Tensor) -> Tensor:
+        return gradients_along(module_call, point, stacked, x, y)
+
+    return _checked_once(contracted_along(module_call, point, stacked), gradients, jvps)
 
 
 CHECKED_EXAMPLES = 4
-"""How many examples of the first batch the contracted read-out is checked on against the jvp."""
+"""How many examples of the first batch the contracted read-out is checked on."""
+
+
+def gradients_along(
+    module_call: Callable[[Mapping[str, Tensor], Tensor, Tensor], Tensor],
+    point: Mapping[str, Tensor],
+    stacked: Mapping[str, Tensor],
+    x: Tensor,
+    y: Tensor,
+) -> Tensor:
+    """[K, b]: <grad f_i, t_k> from each example's own gradient (one backward pass per example,
+    alone in its batch), the tangents ``stacked[name]`` [K, *shape]: the reference the
+    contraction is checked against, exact and independent of forward-mode support. An
+    embedding's ``padding_idx`` and ``scale_grad_by_freq`` are training conventions that change
+    only its backward pass; they are off here, so this is the function's own derivative, as
+    the read-outs take it."""
+    first = next(iter(stacked.values()))
+    out = torch.zeros(len(first), len(y), dtype=torch.float64, device=first.device)
+    with torch.enable_grad(), _PlainEmbeddingGradients():
+        for i in range(len(y)):
+            values = {n: point[n].detach().requires_grad_(True) for n in stacked}
+            f = module_call(values, x[i : i + 1], y[i : i + 1]).sum()
+            grads = torch.autograd.grad(f, list(values.values()), allow_unused=True)
+            for name, g in zip(stacked, grads, strict=True):
+                if g is not None:
+                    out[:, i] += (stacked[name] * g).flatten(1).sum(1).double()
+    return out
 
 
 def _checked_once(
-    contracted: Callable[[Tensor, Tensor], Tensor], jvps: Callable[[Tensor, Tensor], Tensor]
+    contracted: Callable[[Tensor, Tensor], Tensor],
+    reference: Callable[[Tensor, Tensor], Tensor],
+    jvps: Callable[[Tensor, Tensor], Tensor],
 ) -> Callable[[Tensor, Tensor], Tensor]:
-    """``contracted`` once it agreed with ``jvps`` on the first batch's first
-    ``CHECKED_EXAMPLES`` examples (within float32 rounding: 1e-3 of the largest derivative);
-    ``jvps`` from then on where it did not, or where the model is not contractible. The two
-    compute the same derivatives; the check guards against a model the contraction misreads
-    (an operation mixing examples, say)."""
+    """``contracted`` once it agreed with ``reference`` (per-example gradients) on the first
+    batch's first ``CHECKED_EXAMPLES`` examples (within float32 rounding: 1e-3 of the largest
+    derivative); ``jvps`` from then on where it did not, or where the model is not
+    contractible. The three compute the same derivatives; the check guards against a model the
+    contraction misreads (an operation mixing examples, say)."""
     state: list[bool | None] = [None]
 
     def run(x: Tensor, y: Tensor) -> Tensor:
@@ -293,9 +326,9 @@ def _checked_once(
             return jvps(x, y)
         if state[0] is None:
             m = min(CHECKED_EXAMPLES, len(y))
-            reference = jvps(x[:m], y[:m]).to(out)
-            scale = float(reference.abs().max()) if reference.numel() else 0.0
-            state[0] = bool((out[:, :m] - reference).abs().max() <= 1e-3 * scale + 1e-12)
+            expected = reference(x[:m], y[:m]).to(out)
+            scale = float(expected.abs().max()) if expected.numel() else 0.0
+            state[0] = bool((out[:, :m] - expected).abs().max() <= 1e-3 * scale + 1e-12)
             if not state[0]:
                 return jvps(x, y)
         return out
@@ -443,6 +476,23 @@ def batched(
     return out.tensor()
 
 
+class _PlainEmbeddingGradients(TorchFunctionMode):
+    """``F.embedding`` without ``padding_idx`` and ``scale_grad_by_freq``: the same outputs,
+    and the derivative of the lookup itself (the padding row's and repeated rows' gradients not
+    altered by training conventions)."""
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func is F.embedding:
+            bound = _EMBEDDING.bind(*args, **kwargs)
+            bound.arguments.update(padding_idx=None, scale_grad_by_freq=False)
+            return func(*bound.args, **bound.kwargs)
+        return func(*args, **kwargs)
+
+
+_EMBEDDING = inspect.signature(F.embedding)
 _BATCH_NORM = inspect.signature(F.batch_norm)
 
 

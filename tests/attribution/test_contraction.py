@@ -7,6 +7,7 @@ the jvp's numbers."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import jvp
 
@@ -15,6 +16,7 @@ from attribution.record.contraction import NotContractible, contracted_along
 from attribution.record.entry import LoRALinear
 from attribution.record.evaluation import ModelAt, per_example
 from experiments.models import MLP, SmallCNN, TextTransformer
+from tests.helpers import installed
 
 K = 3
 
@@ -163,3 +165,65 @@ def test_what_cannot_be_contracted_gets_the_jvp(kind):
         torch.testing.assert_close(got[f"s{k}"], expected[f"s{k}"], atol=1e-10, rtol=1e-9)
     if kind is InPlace:  # and they are the truth's
         torch.testing.assert_close(got["s0"], -truth[0], atol=1e-10, rtol=1e-9)
+
+
+def test_a_transformers_bert_the_jvp_cannot_run_is_contracted():
+    """The model an audit spec's ``model: transformers`` builds (its forward gives the logits),
+    with torch's fused attention, which has no forward-mode derivative on the CPU."""
+    transformers = installed("transformers")
+    from attribution.record.checkpoint_spec import _logits_of
+
+    config = transformers.BertConfig(
+        vocab_size=30,
+        hidden_size=8,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=6,
+        num_labels=2,
+    )
+    torch.manual_seed(0)
+    module = _logits_of(transformers.BertForSequenceClassification)(config).double()
+    model = at(module)
+    x = torch.randint(30, (9, 6))
+    y = torch.randint(2, (9,))
+    tangents = tangents_of(model)
+    stacked = {n: torch.stack([t[n] for t in tangents]) for n in model.params}
+    along = contracted_along(
+        lambda values, a, b: per_example(model, values, a, b, "loss"), model.params, stacked
+    )
+    with pytest.raises(NotImplementedError, match="forward AD"):  # the jvp cannot run it
+        jvps(model, tangents, x, y, "loss")
+    embeddings = {f"s{k}": t for k, t in enumerate(tangents)}
+    # the read-out runs it, contracted (the jvp it would fall back to cannot), with the padding
+    # token among the inputs
+    assert (x == config.pad_token_id).any()
+    got = linear_effects(model, embeddings, x, y, "loss", batch_size=5)
+    # padding_idx only zeroes the padding row's gradient (a training convention): the lookup's
+    # own derivative, which the read-outs take, has it
+    module.bert.embeddings.word_embeddings.padding_idx = None
+    truth = torch.stack(  # each example's own gradient, by a loop of backward
+        [
+            torch.stack(
+                [
+                    sum(
+                        (g * t[n]).sum()
+                        for n, g in zip(
+                            model.params,
+                            torch.autograd.grad(
+                                F.cross_entropy(module(x[i : i + 1]), y[i : i + 1]),
+                                list(module.parameters()),
+                            ),
+                            strict=True,
+                        )
+                    )
+                    for t in tangents
+                ]
+            )
+            for i in range(len(y))
+        ],
+        1,
+    )
+    torch.testing.assert_close(along(x, y), truth, atol=1e-10, rtol=1e-9)
+    for k in range(K):
+        torch.testing.assert_close(got[f"s{k}"], -truth[k], atol=1e-10, rtol=1e-9)
