@@ -214,12 +214,16 @@ def audit(
     model = final_model(traj)
 
     def per_example(emb: StageEmbeddings) -> dict[str, dict[str, Tensor]]:
-        return {
-            name: READOUTS[readout](
-                model, emb.offsets, inputs, targets, behaviors[name].quantity, batch_size
-            )
-            for name, (inputs, targets, _) in data.items()
-        }
+        """Per behaviour, the read-out's per-example effects; behaviours over the same data
+        and quantity share one read-out."""
+        computed: dict[str, dict[str, Tensor]] = {}
+        for name, (inputs, targets, _) in data.items():
+            key = behaviors[name].values_key
+            if key not in computed:
+                computed[key] = READOUTS[readout](
+                    model, emb.offsets, inputs, targets, behaviors[name].quantity, batch_size
+                )
+        return {name: computed[behaviors[name].values_key] for name in data}
 
     began = time.perf_counter()
     effects = per_example(embeddings)

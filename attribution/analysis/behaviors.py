@@ -17,6 +17,7 @@ Sign convention: effect_k(f) = f(theta_T) - f(theta_T^(-k)) (see
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -80,6 +81,12 @@ class Behavior:
         if parsed["gap"] is not None:
             parsed["gap"] = tuple(parsed["gap"])
         return cls(**parsed)
+
+    @property
+    def values_key(self) -> str:
+        """Equal for behaviours whose per-example values are the same (data and quantity), so
+        that read-outs and evaluations compute them once for all of them."""
+        return json.dumps([self.data.to_dict(), self.quantity], sort_keys=True)
 
     def load(self) -> tuple[Tensor, Tensor, Tensor]:
         """The dataset's inputs, int64 labels and the int64 keys its groups refer to (the labels,

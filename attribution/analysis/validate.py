@@ -34,7 +34,6 @@ Sign convention: effect_k(f) = f(theta_T) - f(theta_T^(-k)).
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -190,7 +189,7 @@ def true_effects(
     computed: dict[str, Effects] = {}
     effects = {}
     for name, behavior in behaviors.items():
-        key = _same_values(behavior)
+        key = behavior.values_key
         if key not in computed:
             inputs, targets, _ = data[name]
             differences = partial(
@@ -222,7 +221,7 @@ def noise_ceiling(
     draws: dict[str, dict[str, list[Tensor]]] = {}  # values key -> stage -> effects per seed
     rows, expected = [], {}
     for name, behavior in chosen.items():
-        key = _same_values(behavior)
+        key = behavior.values_key
         if key not in draws:
             inputs, targets, _ = data[name]
             differences = partial(_differences, model, others, behavior.quantity, batch_size)
@@ -453,7 +452,7 @@ def _estimates(
     computed: dict[str, tuple[Effects, float]] = {}
     out = {}
     for name, behavior in behaviors.items():
-        key = _same_values(behavior)
+        key = behavior.values_key
         if key not in computed:
             inputs, targets, _ = data[name]
             began = time.perf_counter()
@@ -523,11 +522,6 @@ def _loaded(
             "give the number of examples per forward pass, e.g. 512",
         )
     return {name: b.load() for name, b in behaviors.items()}
-
-
-def _same_values(behavior: Behavior) -> str:
-    """Behaviours with equal keys have the same per-example values (data and quantity)."""
-    return json.dumps([behavior.data.to_dict(), behavior.quantity], sort_keys=True)
 
 
 def _numpy(effects: Effects) -> dict[str, np.ndarray]:

@@ -176,6 +176,32 @@ def test_group_effect_is_the_mean_of_the_per_example_effects_over_its_labels(
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
 
 
+def test_behaviours_over_the_same_data_and_quantity_share_one_readout(
+    shared_run, behaviors_file, monkeypatch
+):
+    from attribution.analysis import audit as audit_module
+
+    calls = []
+    real = dict(audit_module.READOUTS)
+
+    def counted(name):
+        def readout(model, offsets, inputs, targets, quantity, batch_size):
+            calls.append(quantity)
+            return real[name](model, offsets, inputs, targets, quantity, batch_size)
+
+        return readout
+
+    monkeypatch.setattr(audit_module, "READOUTS", {n: counted(n) for n in real})
+    result = audit(Trajectory.open(shared_run), "e1", load_behaviors(behaviors_file))
+    # test_loss and groups: one loss read-out; test_margin: its own
+    assert sorted(calls) == ["loss", "margin"]
+    monkeypatch.setattr(audit_module, "READOUTS", real)
+    alone = audit(
+        Trajectory.open(shared_run), "e1", {"groups": load_behaviors(behaviors_file)["groups"]}
+    )
+    assert alone.behaviors["groups"] == result.behaviors["groups"]
+
+
 def test_audit_of_a_hydra_run_directory_writes_beside_the_trajectory(
     recorded_run, tmp_path, capsys
 ):
