@@ -85,7 +85,7 @@ class SubsetArguments(Arguments):
                 "subset.seed", f"expected a non-negative integer, got {self.seed!r}", "give e.g. 0"
             )
         exact = self.exact
-        if isinstance(exact, str) or not all(isinstance(n, str) for n in exact):
+        if not isinstance(exact, list | tuple) or not all(isinstance(n, str) for n in exact):
             raise SpecError(
                 "subset.exact",
                 f"expected a list of stage names, got {exact!r}",

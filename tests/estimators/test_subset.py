@@ -108,8 +108,9 @@ def test_settings_are_typed_and_refused_with_a_fix():
     for bad in ({"budget": 0}, {"budget": 1.5}, {"allocation": "random"}, {"seed": -1}):
         with pytest.raises(SpecError, match="Fix"):
             Subset(**bad)
-    with pytest.raises(SpecError, match="Fix"):
-        Subset(exact="adapt")
+    for bad in ("adapt", 3, [1]):
+        with pytest.raises(SpecError, match="Fix"):
+            Subset(exact=bad)
 
 
 def test_stages_named_exact_are_the_truth_and_the_others_the_same_replay():
