@@ -539,4 +539,7 @@ def group_table(result: Validation) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if distributed.world().size > 1:  # a torchrun worker: exit without the teardown
+        distributed.leave(status)
+    sys.exit(status)

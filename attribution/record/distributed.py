@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -48,8 +49,9 @@ def init_from_env(device: torch.device | str = "cpu") -> bool:
     ``RANK`` set): NCCL when ``device`` is a CUDA device and CUDA is available (each process on
     the GPU of its ``LOCAL_RANK``), else gloo. Whether it started one: not without those
     variables, nor when a group is already initialised. A group this starts lasts until the
-    process exits (``destroy`` at exit): a second group in the same process would rendezvous
-    under the first one's store keys and can hang, so later commands reuse it."""
+    process exits (``python -m attribution.analysis.cli`` ends it with ``leave``; otherwise
+    ``destroy`` runs at exit): a second group in the same process would rendezvous under the
+    first one's store keys and can hang, so later commands reuse it."""
     launched = "WORLD_SIZE" in os.environ and "RANK" in os.environ
     if not launched or not dist.is_available() or dist.is_initialized():
         return False
@@ -65,6 +67,20 @@ def destroy() -> None:
     """Leave the process group (if one is initialised)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def leave(code: int) -> NoReturn:
+    """End a process that torchrun started, once its work is done: wait for every rank (when
+    in a group), flush the output and exit with ``code`` at once, without the interpreter's
+    teardown. In that
+    teardown gloo's worker threads can be destroyed after the interpreter and abort the process
+    now and then ("terminate called without an active exception", SIGABRT) although its work
+    is done; by the barrier every collective is, and every result is written."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def is_main() -> bool:

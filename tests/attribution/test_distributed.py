@@ -42,6 +42,7 @@ PER_RANK = """\
 import json, os, sys, time
 from pathlib import Path
 from attribution.analysis.cli import main
+from attribution.record.distributed import leave
 
 rank, codes = os.environ["RANK"], Path(sys.argv[2])
 for i, argv in enumerate(json.loads(Path(sys.argv[1]).read_text())):
@@ -54,6 +55,7 @@ while len(list(codes.iterdir())) < (i + 1) * int(os.environ["WORLD_SIZE"]) and (
     time.monotonic() < deadline
 ):
     time.sleep(0.05)
+leave(0)  # as python -m attribution.analysis.cli ends
 """
 """Runs ``stagetrace`` once per argument list of a JSON file, one torchrun launch for all (a
 launch costs seconds), with ``{rank}`` replaced by the rank; writes each exit status to
@@ -208,3 +210,23 @@ def test_rows_are_contiguous_whole_batches_in_rank_order(size, n, batch_size):
         assert s.start % batch_size == 0 and (s.stop % batch_size == 0 or s.stop == n)
     if n >= batch_size * size:  # enough batches: every rank gets some
         assert all(s.stop > s.start for s in spans)
+
+
+def test_leave_flushes_the_output_and_exits_with_the_status_at_once():
+    script = (
+        "import atexit, sys\n"
+        "from attribution.record.distributed import leave\n"
+        "atexit.register(lambda: print('teardown ran'))\n"
+        "print('out', end='')\n"
+        "sys.stderr.write('err')\n"
+        "leave(3)\n"
+    )
+    ran = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (ran.returncode, ran.stdout, ran.stderr) == (3, "out", "err")
