@@ -161,10 +161,7 @@ def _linear(
     if id(weight) in derived:
         w = derived[id(weight)][1].reshape(k, -1)  # [K, out * in]
         positions = x.shape[1]
-        if positions == 1:
-            moved = x[:, 0] @ w.reshape(k * out, -1).T  # [b, K * out]
-            total += torch.bmm(moved.view(b, k, out), g.reshape(b, out, 1)).reshape(b, k).T
-        elif positions * k <= positions + k:
+        if positions * k <= positions + k:
             moved = x @ w.reshape(k * out, -1).T  # [b, s, K * out]
             total += (moved.view(b, positions, k, out) * g[:, :, None]).sum((1, 3)).T
         else:

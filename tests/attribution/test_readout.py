@@ -252,15 +252,20 @@ STEP = 1e-4
 NORM_NAMES = ["fc1.weight", "norm1.weight", "norm1.running_mean", "norm1.running_var", "head.bias"]
 
 
-@pytest.mark.parametrize("quantity", QUANTITIES)
-@pytest.mark.parametrize("which", ["mlp", "batchnorm"])
-def test_vectorised_linear_equals_one_jvp_per_stage_and_finite_differences(data, quantity, which):
-    inputs = data[0].float()
-    targets = data[1]
+def three_stage_setting(data, which: str, scale: float):
+    """float32 inputs and targets, the module (the MLP or the BatchNorm net), it as a
+    ``ModelAt`` and three stage embeddings of ``scale`` over its parameters (the BatchNorm net:
+    ``NORM_NAMES``, running statistics included)."""
     module = float32_model() if which == "mlp" else norm_model()
     model = at(module)
     names = list(model.params) if which == "mlp" else NORM_NAMES
-    embeddings = three_stages(model.point, names, 1e-2)
+    return data[0].float(), data[1], module, model, three_stages(model.point, names, scale)
+
+
+@pytest.mark.parametrize("quantity", QUANTITIES)
+@pytest.mark.parametrize("which", ["mlp", "batchnorm"])
+def test_vectorised_linear_equals_one_jvp_per_stage_and_finite_differences(data, quantity, which):
+    inputs, targets, module, model, embeddings = three_stage_setting(data, which, 1e-2)
     with counting_passes(module) as passes:
         got = linear_effects(model, embeddings, inputs, targets, quantity, 7, contract=False)
     assert passes == [7, 7, 6]  # one vectorised pass per batch for the three stages
@@ -290,12 +295,7 @@ def test_vectorised_linear_equals_one_jvp_per_stage_and_finite_differences(data,
 @pytest.mark.parametrize("quantity", QUANTITIES)
 @pytest.mark.parametrize("which", ["mlp", "batchnorm"])
 def test_evaluated_runs_theta_t_once_and_equals_separate_forward_passes(data, quantity, which):
-    inputs = data[0].float()
-    targets = data[1]
-    module = float32_model() if which == "mlp" else norm_model()
-    model = at(module)
-    names = list(model.params) if which == "mlp" else NORM_NAMES
-    embeddings = three_stages(model.point, names, 0.1)
+    inputs, targets, module, model, embeddings = three_stage_setting(data, which, 0.1)
     with counting_passes(module) as passes:
         got = evaluated_effects(model, embeddings, inputs, targets, quantity, batch_size=7)
     assert passes == [7] * 4 + [7] * 4 + [6] * 4  # theta_T once and each stage, per batch
