@@ -23,6 +23,14 @@ fraction of every batch. Steps allotted no example are skipped entirely (no opti
 no momentum or Adam update either). A subset's mean-reduced loss has the batch's scale; only its
 composition differs. ``budget = 1`` replays every example of every step: the truth, bit for bit.
 
+``merge = m`` > 1 lets m consecutive kept steps of a stage share one gradient: it is computed
+at the first of them on the union of their subsets, and the optimizer then takes each of the m
+steps with it held fixed, with the step's own learning rate, momentum and weight decay
+(``attribution.record.optim.steps_with_frozen_gradient``: SGD in closed form). The examples are
+the same; the forward and backward passes are m times fewer, which is what a small budget cannot
+cut (a step's optimizer update and per-operation overhead stay). Where the gradient changes
+little over m steps this costs little fidelity; docs/results.md measures it.
+
 ``exact`` names stages whose embedding is the truth instead (retraining without them,
 ``attribution.record.counterfactual.skip_stage``, stored and reused): the audit asks for it when
 the budget covers retraining without the later stages, whose later steps are few, but not
@@ -59,11 +67,13 @@ class SubsetArguments(Arguments):
     """``budget``: fraction of the later steps' examples replayed (0 < budget <= 1; 1 is the
     truth); ``allocation``: how they are shared among steps (``sqrt_lr``: in proportion to the
     square root of the step's learning rate; ``uniform``: the same fraction of every batch);
-    ``seed``: the random subsets; ``exact``: stages retrained exactly instead (the truth)."""
+    ``seed``: the random subsets; ``merge``: consecutive steps sharing one gradient (1: each
+    step its own); ``exact``: stages retrained exactly instead (the truth)."""
 
     budget: float = 0.25
     allocation: str = "sqrt_lr"
     seed: int = 0
+    merge: int = 1
     exact: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -83,6 +93,13 @@ class SubsetArguments(Arguments):
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise SpecError(
                 "subset.seed", f"expected a non-negative integer, got {self.seed!r}", "give e.g. 0"
+            )
+        merge = self.merge
+        if not isinstance(merge, int) or isinstance(merge, bool) or merge < 1:
+            raise SpecError(
+                "subset.merge",
+                f"expected a whole number of steps >= 1, got {merge!r}",
+                "give e.g. 2 (subset:0.5(merge=2)), or 1 for a gradient per step",
             )
         exact = self.exact
         if not isinstance(exact, list | tuple) or not all(isinstance(n, str) for n in exact):
@@ -125,13 +142,19 @@ class Subset(Estimator):
             later = [(traj.stages[j], traj.steps(j)) for j in range(k + 1, len(traj.stages))]
             subsets = subset_schedule(later, self.arguments, k)
             carried = traj.optimizer_state(k - 1, "end") if k else {}
-            replayed = retrain_after(traj, k, traj.checkpoint(k, "start"), carried, later=subsets)
+            start = traj.checkpoint(k, "start")
+            replayed = retrain_after(
+                traj, k, start, carried, later=subsets, merge=self.arguments.merge
+            )
             out[record.name] = {n: replayed[n].double() - final[n].double() for n in state_names}
             counts["examples"] = counts.get("examples", 0) + sum(
                 int(s.offsets[-1]) for _, s in subsets
             )
             counts["replayed_steps"] = counts.get("replayed_steps", 0) + sum(
                 s.num_steps for _, s in subsets
+            )
+            counts["gradients"] = counts.get("gradients", 0) + sum(
+                -(-s.num_steps // self.arguments.merge) for _, s in subsets
             )
         out[traj.stages[last].name] = stage_displacement(traj, last, names)
         return out

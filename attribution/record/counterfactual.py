@@ -250,12 +250,14 @@ def retrain_after(
     optimizer_state: OptimizerState,
     on_step: StepCallback | None = None,
     later: Sequence[tuple[StageRecord, StepLog]] | None = None,
+    merge: int = 1,
 ) -> dict[str, torch.Tensor]:
     """Final parameters and buffers from running stages k+1..K as recorded, starting from
     ``state`` (in stage k's structure) and ``optimizer_state`` (the state in hand after k).
 
     ``later`` replaces the recorded (record, steps) of those stages, e.g. with a coarser
-    schedule; by default they run exactly as recorded, with the recorded thread count
+    schedule, and ``merge`` > 1 lets consecutive steps share a gradient (``train_stage``); by
+    default they run exactly as recorded, with the recorded thread count
     (``recorded_threads``), on the current compute (``train_stage``); the result is on the CPU
     in the recorded dtype. Stages k+1..K known not to replay (``Trajectory.check_replayable``)
     are refused: their retraining would not be the run's.
@@ -269,7 +271,9 @@ def retrain_after(
     with recorded_threads(traj):
         for record, steps in later:
             add_adapters(model, record.entry, record.name)
-            optimizer_state = continue_stage(model, record, steps, optimizer_state, on_step)
+            optimizer_state = continue_stage(
+                model, record, steps, optimizer_state, on_step, merge=merge
+            )
     return snapshot(model)
 
 

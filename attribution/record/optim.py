@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 HYPERPARAMETERS: dict[str, dict[str, Any]] = {
@@ -138,3 +139,85 @@ def load_state_by_name(
             entry = state.get(names[id(p)])
             if entry:
                 optimizer.state[p] = {k: v.detach().clone() for k, v in entry.items()}
+
+
+def steps_with_frozen_gradient(
+    optimizer: torch.optim.Optimizer, lrs: Sequence[Sequence[float]]
+) -> None:
+    """Take ``len(lrs)`` optimizer steps, step i with learning rate ``lrs[i][g]`` in group g,
+    all with the gradients now in ``.grad`` (held fixed): what the optimizer would do if the
+    loss's gradient did not change over those steps.
+
+    One step is ``optimizer.step()`` itself. Over several, SGD and SGDW advance in closed form:
+    their parameters and momentum buffers after the steps are a linear combination of those
+    before and of the gradient, with coefficients (scalars per group: learning rates, momentum,
+    dampening, Nesterov, both weight decays, a buffer that does not exist yet) computed in
+    float64, so the steps cost one pass over the parameters instead of one each. Adam and AdamW
+    take their steps one by one."""
+    if len(lrs) > 1 and isinstance(optimizer, torch.optim.SGD):
+        _sgd_frozen(optimizer, lrs)
+        return
+    for row in lrs:
+        for group, lr in zip(optimizer.param_groups, row, strict=True):
+            group["lr"] = lr
+        optimizer.step()
+
+
+@torch.no_grad()
+def _sgd_frozen(optimizer: torch.optim.SGD, lrs: Sequence[Sequence[float]]) -> None:
+    """``steps_with_frozen_gradient`` for SGD and SGDW: torch's update, per step with gradient
+    ``g``, parameter ``p``, buffer ``b`` (coupled decay ``wd``, decoupled ``dd``, momentum
+    ``mu``, dampening ``d``)::
+
+        r = g + wd * p;  p = (1 - lr * dd) * p
+        b = r if there is no buffer yet, else mu * b + (1 - d) * r
+        p = p - lr * (r + mu * b if nesterov else b)   (p - lr * r without momentum)
+
+    is linear in (p, b, g), so p and b are tracked as coefficients on the starting (p0, b0, g)
+    and formed once at the end."""
+    for i, group in enumerate(optimizer.param_groups):
+        params = [p for p in group["params"] if p.grad is not None]
+        if group["momentum"] == 0:
+            p, _ = _sgd_coefficients(group, [row[i] for row in lrs], fresh=False)
+            torch._foreach_mul_(params, float(p[0]))
+            torch._foreach_add_(params, [q.grad for q in params], alpha=float(p[2]))
+            continue
+        for fresh in (False, True):
+            chosen = [
+                q for q in params if (optimizer.state[q].get("momentum_buffer") is None) == fresh
+            ]
+            if not chosen:
+                continue
+            p, b = _sgd_coefficients(group, [row[i] for row in lrs], fresh)
+            grads = [q.grad for q in chosen]
+            buffers = torch._foreach_mul(chosen, float(b[0]))
+            torch._foreach_add_(buffers, grads, alpha=float(b[2]))
+            torch._foreach_mul_(chosen, float(p[0]))
+            torch._foreach_add_(chosen, grads, alpha=float(p[2]))
+            for q, buffer in zip(chosen, buffers, strict=True):
+                old = optimizer.state[q].get("momentum_buffer")
+                if old is not None:  # fresh parameters start from no buffer: b0 plays no part
+                    q.add_(old, alpha=float(p[1]))
+                    buffer.add_(old, alpha=float(b[1]))
+                optimizer.state[q]["momentum_buffer"] = buffer
+    for group, lr in zip(optimizer.param_groups, lrs[-1], strict=True):
+        group["lr"] = lr
+
+
+def _sgd_coefficients(
+    group: Mapping[str, Any], lrs: Sequence[float], fresh: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """The coefficients on (p0, b0, g) of the parameter and the buffer after SGD steps with
+    learning rates ``lrs`` and the gradient g fixed; ``fresh``: no buffer exists before."""
+    mu, damp, wd = group["momentum"], group["dampening"], group["weight_decay"]
+    decay = group.get("decoupled_weight_decay", 0.0)
+    p, b, g = np.eye(3)
+    for step, lr in enumerate(lrs):
+        r = g + wd * p
+        p = (1.0 - lr * decay) * p
+        if mu == 0:
+            p = p - lr * r
+            continue
+        b = r if fresh and step == 0 else mu * b + (1.0 - damp) * r
+        p = p - lr * (r + mu * b if group["nesterov"] else b)
+    return p, b

@@ -32,6 +32,7 @@ from attribution.record.optim import (
     build_optimizer,
     load_state_by_name,
     state_by_name,
+    steps_with_frozen_gradient,
 )
 from attribution.record.references import load_dataset, loss_function
 from attribution.record.spec import EntryAction, PipelineSpec, StageSpec
@@ -160,13 +161,14 @@ def continue_stage(
     previous: OptimizerState,
     on_step: StepCallback | None = None,
     compute: Compute | None = None,
+    merge: int = 1,
 ) -> OptimizerState:
     """Run a recorded stage from its ``start`` state: re-initialise, take the optimizer state
     its policy allows from ``previous`` (the state that existed when it began), and train (on
-    ``compute``, default ``current()``; see ``train_stage``)."""
+    ``compute``, default ``current()``, and with ``merge``; see ``train_stage``)."""
     reinitialise(model, record.entry, record.name)
     state = carried_state(previous, record, model)
-    return train_stage(model, record, steps, state, on_step, compute=compute)
+    return train_stage(model, record, steps, state, on_step, compute=compute, merge=merge)
 
 
 def step_seconds(traj: Trajectory, j: int, probe: int = 3, fraction: float = 1.0) -> float:
@@ -199,6 +201,7 @@ def train_stage(
     on_step: StepCallback | None = None,
     on_checkpoint: CheckpointCallback | None = None,
     compute: Compute | None = None,
+    merge: int = 1,
 ) -> OptimizerState:
     """Run a stage's recorded steps on ``model`` in place; return the final optimizer state.
 
@@ -215,7 +218,14 @@ def train_stage(
     parameters in model order, as a user loop does with ``clip_grad_norm_(model.parameters(),
     max_norm)``. ``on_checkpoint`` receives the state before each step of
     ``record.checkpoint_steps()``: the recording stores it, replays and counterfactuals pass none.
+
+    ``merge`` > 1 approximates (the subset replay's ``merge``, docs/estimators.md): each run of
+    ``merge`` consecutive steps computes one gradient, at its first step, on the union of their
+    batches, and takes its steps with that gradient held fixed, each with its own learning rate
+    (``steps_with_frozen_gradient``); 1 runs every step as recorded.
     """
+    if merge < 1 or (merge > 1 and on_checkpoint is not None):
+        raise ValueError(f"merge={merge}: give 1, or more without on_checkpoint")
     unknown = sorted(set(record.trainable) - {n for n, _ in model.named_parameters()})
     if unknown:
         raise TrajectoryError(
@@ -249,23 +259,22 @@ def train_stage(
         model.train()
         inner = set(record.checkpoint_steps())
         with deterministic(compute):
-            for t in range(steps.num_steps):
-                if on_checkpoint is not None and t in inner:
-                    on_checkpoint(t, to_cpu(snapshot(model), native))
-                inputs, targets = (
-                    _placed(x, device, dtype) for x in fetch_batch(dataset, steps.batch(t))
-                )
-                for group, lr in zip(optimizer.param_groups, steps.lr[t].tolist(), strict=True):
-                    group["lr"] = lr
+            for first in range(0, steps.num_steps, merge):
+                block = range(first, min(first + merge, steps.num_steps))
+                if on_checkpoint is not None and first in inner:
+                    on_checkpoint(first, to_cpu(snapshot(model), native))
+                batch = torch.cat([steps.batch(t) for t in block])
+                inputs, targets = (_placed(x, device, dtype) for x in fetch_batch(dataset, batch))
                 optimizer.zero_grad(set_to_none=True)
                 loss = loss_fn(model(inputs), targets)
                 loss.backward()
-                _check_finite(loss, optimizer, names, record.name, t)
+                _check_finite(loss, optimizer, names, record.name, first)
                 if record.clip_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(clipped, record.clip_grad_norm)
-                optimizer.step()
+                steps_with_frozen_gradient(optimizer, steps.lr[first : block.stop].tolist())
                 if on_step is not None:
-                    on_step(record.name, t, steps.num_steps, loss.item())
+                    for t in block:
+                        on_step(record.name, t, steps.num_steps, loss.item())
         final = state_by_name(optimizer, names)
     finally:
         _restore(model, native)

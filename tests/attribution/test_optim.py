@@ -1,5 +1,6 @@
 """The optimizers against closed forms and torch.optim; state by name round trips."""
 
+import pytest
 import torch
 
 from attribution.record.optim import (
@@ -9,6 +10,7 @@ from attribution.record.optim import (
     load_state_by_name,
     optimizer_kind,
     state_by_name,
+    steps_with_frozen_gradient,
 )
 
 
@@ -103,3 +105,64 @@ def test_state_by_name_round_trip_continues_like_the_original():
         opt_a.step()
         opt_b.step()
     assert torch.equal(a, b)
+
+
+FROZEN_CASES = [
+    ("sgd", {"momentum": 0.0, "dampening": 0.0, "nesterov": False, "weight_decay": 0.0}),
+    ("sgd", {"momentum": 0.0, "dampening": 0.0, "nesterov": False, "weight_decay": 0.01}),
+    ("sgd", {"momentum": 0.9, "dampening": 0.0, "nesterov": False, "weight_decay": 0.0}),
+    ("sgd", {"momentum": 0.9, "dampening": 0.1, "nesterov": False, "weight_decay": 5e-4}),
+    ("sgd", {"momentum": 0.8, "dampening": 0.0, "nesterov": True, "weight_decay": 0.02}),
+    ("sgdw", {"momentum": 0.9, "dampening": 0.0, "nesterov": False, "weight_decay": 0.05}),
+    ("sgdw", {"momentum": 0.0, "dampening": 0.0, "nesterov": False, "weight_decay": 0.05}),
+    ("adamw", {"betas": [0.9, 0.99], "eps": 1e-8, "weight_decay": 0.01}),
+]
+
+
+@pytest.mark.parametrize(("kind", "hyper"), FROZEN_CASES)
+def test_frozen_gradient_steps_match_torch_steps_with_the_same_gradient(kind, hyper):
+    """Parameters and state after several steps with one gradient, against the optimizer's own
+    step taken as many times; two groups with their own rates, one parameter with a momentum
+    buffer carried in and one without (a parameter added by the stage)."""
+    torch.manual_seed(3)
+    w0, v0 = torch.randn(5, 3, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    g_w, g_v = torch.randn(5, 3, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    lrs = [[0.1, 0.05], [0.08, 0.04], [0.06, 0.02], [0.03, 0.01]]
+
+    def optimizer():
+        w, v = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(v0.clone())
+        opt = build_optimizer(kind, [([w], {"lr": 0.1, **hyper}), ([v], {"lr": 0.05, **hyper})])
+        w.grad, v.grad = torch.ones_like(w), torch.ones_like(v)
+        opt.step()  # w and v have a history (Adam: its step count; SGD: a buffer)
+        if kind != "adamw":
+            opt.state[v].clear()  # v starts without a buffer, as an added parameter does
+        w.grad, v.grad = g_w.clone(), g_v.clone()
+        return opt, (w, v)
+
+    mine, (w, v) = optimizer()
+    steps_with_frozen_gradient(mine, lrs)
+    theirs, (w_ref, v_ref) = optimizer()
+    for row in lrs:
+        for group, lr in zip(theirs.param_groups, row, strict=True):
+            group["lr"] = lr
+        theirs.step()
+    torch.testing.assert_close(w.detach(), w_ref.detach(), rtol=0, atol=1e-13)
+    torch.testing.assert_close(v.detach(), v_ref.detach(), rtol=0, atol=1e-13)
+    for p, q in ((w, w_ref), (v, v_ref)):
+        assert mine.state[p].keys() == theirs.state[q].keys()
+        for key in mine.state[p]:
+            torch.testing.assert_close(mine.state[p][key], theirs.state[q][key], rtol=0, atol=1e-13)
+    assert [g["lr"] for g in mine.param_groups] == lrs[-1]
+
+
+def test_one_frozen_step_is_the_optimizers_own_step_bit_for_bit():
+    torch.manual_seed(4)
+    w0, g = torch.randn(6), torch.randn(6)
+    w, w_ref = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
+    mine = torch.optim.SGD([w], lr=0.1, momentum=0.9, weight_decay=1e-3)
+    theirs = torch.optim.SGD([w_ref], lr=0.3, momentum=0.9, weight_decay=1e-3)
+    for _ in range(3):
+        w.grad, w_ref.grad = g.clone(), g.clone()
+        steps_with_frozen_gradient(mine, [[0.3]])
+        theirs.step()
+    assert torch.equal(w, w_ref)

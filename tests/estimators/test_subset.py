@@ -5,14 +5,17 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from attribution.record.counterfactual import skip_stage
 from attribution.record.errors import SpecError
-from attribution.record.pipeline import run_pipeline
+from attribution.record.optim import load_state_by_name
+from attribution.record.pipeline import carried_state, continue_stage, reinitialise, run_pipeline
 from attribution.record.spec import PipelineSpec
 from estimators import build
 from estimators.base import final_buffer_names, final_parameter_names
 from estimators.subset import Subset, SubsetArguments, allocate, subset_schedule
+from experiments.data import mnist
 from tests.attribution import tiny
 
 
@@ -105,7 +108,14 @@ def test_settings_are_typed_and_refused_with_a_fix():
     assert build("subset:0.5").arguments.budget == 0.5
     assert build("subset").label == "subset:0.25"
     assert build("subset", {"allocation": "uniform"}).label == "subset:0.25(allocation=uniform)"
-    for bad in ({"budget": 0}, {"budget": 1.5}, {"allocation": "random"}, {"seed": -1}):
+    for bad in (
+        {"budget": 0},
+        {"budget": 1.5},
+        {"allocation": "random"},
+        {"seed": -1},
+        {"merge": 0},
+        {"merge": 1.5},
+    ):
         with pytest.raises(SpecError, match="Fix"):
             Subset(**bad)
     for bad in ("adapt", 3, [1]):
@@ -128,3 +138,60 @@ def test_stages_named_exact_are_the_truth_and_the_others_the_same_replay():
     assert build("subset", {"exact": [second]}).label == f"subset:0.25(exact={second})"
     with pytest.raises(SpecError, match="not stages of this run"):
         Subset(exact=["nowhere"]).embed(traj)
+
+
+@pytest.mark.parametrize("adam", [False, True])
+def test_merged_steps_share_one_gradient_as_the_optimizer_would_take_it(adam):
+    """A stage replayed with merge=4 (its 6 steps: a block of 4, then one of 2) against the same
+    thing written with torch.optim: one gradient on the block's examples, then the optimizer's
+    own step once per step with that step's rate. Nesterov SGD runs in closed form (float32
+    rounding apart); AdamW steps one by one, bit for bit."""
+    traj = three_stage("reset" if adam else "carry", adam)
+    record, steps = traj.stages[1], traj.steps(1)
+    previous = traj.optimizer_state(0, "end")
+    mine = traj.load_model(1, "start")
+    continue_stage(mine, record, steps, previous, merge=4)
+
+    model = traj.load_model(1, "start")
+    reinitialise(model, record.entry, record.name)
+    params = dict(model.named_parameters())
+    hyper = {k: v for k, v in record.groups[0].hyper.items() if k != "lr"}
+    cls = torch.optim.AdamW if adam else torch.optim.SGD
+    optimizer = cls([params[n] for n in record.groups[0].params], lr=0.0, **hyper)
+    load_state_by_name(
+        optimizer, carried_state(previous, record, model), {id(p): n for n, p in params.items()}
+    )
+    inputs, targets = mnist(stop=600).tensors[:2]
+    torch.manual_seed(record.seed)
+    for block in (range(0, 4), range(4, 6)):
+        rows = torch.cat([steps.batch(t) for t in block])
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(inputs[rows]), targets[rows])
+        loss.backward()
+        if record.clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(list(params.values()), record.clip_grad_norm)
+        for t in block:
+            optimizer.param_groups[0]["lr"] = float(steps.lr[t, 0])
+            optimizer.step()
+    for name, value in model.state_dict().items():
+        if adam:
+            assert torch.equal(mine.state_dict()[name], value), name
+        else:
+            torch.testing.assert_close(mine.state_dict()[name], value, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(mine.state_dict()["fc1.weight"], traj.checkpoint(1, "end")["fc1.weight"])
+
+
+def test_merge_shares_gradients_and_counts_them():
+    traj = three_stage()
+    plain, merged = Subset(budget=0.5).embed(traj), Subset(budget=0.5, merge=4).embed(traj)
+    assert merged.counts["examples"] == plain.counts["examples"]  # the same examples
+    assert merged.counts["replayed_steps"] == plain.counts["replayed_steps"]
+    # later steps: finetune 6 + adapt 6 after pretrain (blocks of 4: 2 + 2), adapt 6 after
+    # finetune (2): 6 gradients instead of 18
+    assert (plain.counts["gradients"], merged.counts["gradients"]) == (18, 6)
+    assert build("subset", {"merge": 2}).label == "subset:0.25(merge=2)"
+    stage = traj.names[0]
+    assert any(
+        not torch.equal(plain.offsets[stage][n], merged.offsets[stage][n])
+        for n in plain.offsets[stage]
+    )
