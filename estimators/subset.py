@@ -31,6 +31,11 @@ the same; the forward and backward passes are m times fewer, which is what a sma
 cut (a step's optimizer update and per-operation overhead stay). Where the gradient changes
 little over m steps this costs little fidelity; docs/results.md measures it.
 
+``replicas = r`` > 1 averages r independent replays (subset seeds ``seed``, ``seed + 1``, ...):
+the embedding is the mean of their displacements, which halves the subsampling's variance at
+r times the cost. Each replica is ``replica(i)``, a stored one-replica estimator, so that the
+audit's reliability check, which compares the replicas, reuses them instead of replaying again.
+
 ``exact`` names stages whose embedding is the truth instead (retraining without them,
 ``attribution.record.counterfactual.skip_stage``, stored and reused): the audit asks for it when
 the budget covers retraining without the later stages, whose later steps are few, but not
@@ -57,6 +62,7 @@ from estimators.base import (
     final_buffer_names,
     final_parameter_names,
     stage_displacement,
+    stored_embeddings,
 )
 
 ALLOCATIONS = ("sqrt_lr", "uniform")
@@ -68,12 +74,14 @@ class SubsetArguments(Arguments):
     truth); ``allocation``: how they are shared among steps (``sqrt_lr``: in proportion to the
     square root of the step's learning rate; ``uniform``: the same fraction of every batch);
     ``seed``: the random subsets; ``merge``: consecutive steps sharing one gradient (1: each
-    step its own); ``exact``: stages retrained exactly instead (the truth)."""
+    step its own); ``replicas``: independent replays averaged; ``exact``: stages retrained
+    exactly instead (the truth)."""
 
     budget: float = 0.25
     allocation: str = "sqrt_lr"
     seed: int = 0
     merge: int = 1
+    replicas: int = 1
     exact: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -94,13 +102,14 @@ class SubsetArguments(Arguments):
             raise SpecError(
                 "subset.seed", f"expected a non-negative integer, got {self.seed!r}", "give e.g. 0"
             )
-        merge = self.merge
-        if not isinstance(merge, int) or isinstance(merge, bool) or merge < 1:
-            raise SpecError(
-                "subset.merge",
-                f"expected a whole number of steps >= 1, got {merge!r}",
-                "give e.g. 2 (subset:0.5(merge=2)), or 1 for a gradient per step",
-            )
+        for field, example in (("merge", "2 (two steps to a gradient)"), ("replicas", "2")):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise SpecError(
+                    f"subset.{field}",
+                    f"expected a whole number >= 1, got {value!r}",
+                    f"give e.g. {example}, or 1",
+                )
         exact = self.exact
         if not isinstance(exact, list | tuple) or not all(isinstance(n, str) for n in exact):
             raise SpecError(
@@ -118,7 +127,15 @@ class Subset(Estimator):
     shorthand = "budget"
     version = 1
 
+    def replica(self, i: int) -> Subset:
+        """The i-th of the replays this estimator averages: one replica, subset seed
+        ``seed + i``, the other settings the same."""
+        settings = self.arguments.to_dict()
+        return Subset(**{**settings, "replicas": 1, "seed": self.arguments.seed + i})
+
     def offsets(self, traj: Trajectory, counts: dict[str, int]) -> dict[str, Offsets]:
+        if self.arguments.replicas > 1:
+            return self._averaged(traj, counts)
         names = final_parameter_names(traj)
         state_names = [*names, *final_buffer_names(traj)]
         last = len(traj.stages) - 1
@@ -158,6 +175,20 @@ class Subset(Estimator):
             )
         out[traj.stages[last].name] = stage_displacement(traj, last, names)
         return out
+
+    def _averaged(self, traj: Trajectory, counts: dict[str, int]) -> dict[str, Offsets]:
+        """The mean of the replicas' offsets (each stored, or computed and stored); the work
+        counts are the replicas' together."""
+        replicas = [
+            stored_embeddings(self.replica(i), traj)[0] for i in range(self.arguments.replicas)
+        ]
+        for replica in replicas:
+            for key, value in replica.counts.items():
+                counts[key] = counts.get(key, 0) + value
+        return {
+            stage: {n: sum(r.offsets[stage][n] for r in replicas) / len(replicas) for n in offset}
+            for stage, offset in replicas[0].offsets.items()
+        }
 
 
 def allocate(sizes: Sequence[int], weights: Sequence[float], total: int) -> list[int]:

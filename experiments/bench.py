@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from torch.func import grad, vmap
 
 from attribution.analysis.audit import READOUTS
+from attribution.analysis.choice import SUBSET_BUDGET, SUBSET_SETTINGS
 from attribution.analysis.readout import evaluated_effects, linear_effects
 from attribution.record.counterfactual import check_skippable, retrain_after
 from attribution.record.evaluation import (
@@ -89,6 +90,8 @@ def retrain_without_each_stage(traj: Trajectory) -> None:
         retrain_after(traj, k, traj.checkpoint(k, "start"), carried)
 
 
+AUDIT_REPLAY = Subset(budget=SUBSET_BUDGET, **SUBSET_SETTINGS).label
+"""The subset replay ``stagetrace audit`` answers with when the truth is over its budget."""
 METHODS: dict[str, Callable[[Trajectory], Any]] = {
     "ground truth": retrain_without_each_stage,
     "e0": E0().embed,
@@ -102,11 +105,16 @@ METHODS: dict[str, Callable[[Trajectory], Any]] = {
     "subset:0.25 (uniform)": Subset(budget=0.25, allocation="uniform").embed,
     "subset:0.1": Subset(budget=0.1).embed,
     "subset:0.02": Subset(budget=0.02).embed,
+    "subset:0.25(merge=2)": Subset(budget=0.25, merge=2).embed,
+    "subset:0.25(merge=4)": Subset(budget=0.25, merge=4).embed,
+    "subset:0.5(merge=2)": Subset(budget=0.5, merge=2).embed,
+    AUDIT_REPLAY: Subset(budget=SUBSET_BUDGET, **SUBSET_SETTINGS).embed,
 }
 """What table (i) measures, by the name it shows; ``embed``, never ``stored_embeddings``. The
 subset replays at 0.1 and 0.02 show its cost floor: every later step still runs (its optimizer
-step, its passes over one or a few examples)."""
-TEXT_METHODS = ("ground truth", "e0", "e1", "e2", "e4:2", "subset:0.25")
+step, its passes over one or a few examples); the merged ones how far sharing a gradient
+between steps moves it, and ``AUDIT_REPLAY`` is the audit's own (two merged replays)."""
+TEXT_METHODS = ("ground truth", "e0", "e1", "e2", "e4:2", "subset:0.25", AUDIT_REPLAY)
 """What the toxicity table measures (E3's Lanczos is left out: its cost is the MNIST table's)."""
 
 
@@ -162,7 +170,7 @@ def measure_cost(method: str, root: str) -> Cost:
     2 s), and the stages' data (``load_dataset`` caches it per process), so that every method is
     charged for its own work, not for imports or for reading MNIST."""
     importlib.import_module("torch._dynamo")
-    traj = Trajectory.open(root)
+    traj = Trajectory.open(root, cache=False)  # nothing stored, nothing reused
     for record in traj.stages:
         load_dataset(record.data)
     reset_peak_rss()
@@ -709,6 +717,7 @@ def text_table(described: str, costs: Sequence[Cost], passes: Sequence[Cost]) ->
 GROWTH_PRESET = "cost_growth"
 GROWTH_METHODS = (
     "ground truth", "e0", "e1", "e2", "e3 (rank 5, 128 examples, end)", "e4:2", "subset:0.25",
+    AUDIT_REPLAY,
 )  # fmt: skip
 """What the cost-growth table times (``METHODS`` names), then the two read-outs. E3 at its
 cheap settings: at its defaults its Lanczos on a transformer costs minutes at every point."""
@@ -791,7 +800,7 @@ def measure_growth(root: str, data: dict[str, Any]) -> dict[str, float]:
     of E1's embeddings over the test data ``data`` (``target``, ``kwargs``; each after a
     warm-up run), in this process; meant for a fresh one, data loaded before the clock."""
     importlib.import_module("torch._dynamo")
-    traj = Trajectory.open(root)
+    traj = Trajectory.open(root, cache=False)
     for record in traj.stages:
         load_dataset(record.data)
     seconds = {}

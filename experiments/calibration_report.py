@@ -2,8 +2,9 @@
 
 ``python -m experiments.calibration_report DIR [DIR ...] [--out docs/results.md]`` reads every
 fidelity run under the directories (``fidelity.json`` beside a ``trajectory/``), audits it as
-``stagetrace audit --estimator subset:0.25`` would (the same embeddings, stored by the run, and
-the label's check: two independent half-budget replays), and compares each stage's label with
+``stagetrace audit`` would with the subset replay ``auto`` uses (``choice.SUBSET`` with
+``choice.SUBSET_SETTINGS``; the same embeddings, stored by the run, and the label's check: the
+agreement of its independent replicas), and compares each stage's label with
 the truth the run measured: the per-example Pearson of the estimate (evaluated read-out,
 per-example test loss) and whether the sign of the mean effect is right. It prints, and with
 ``--out`` writes between ``<!-- calibration:start -->`` and ``<!-- calibration:end -->``, one
@@ -32,14 +33,16 @@ import numpy as np
 from attribution.analysis import metrics
 from attribution.analysis.audit import audit, load_behaviors
 from attribution.analysis.behaviors import Behavior
-from attribution.analysis.choice import DEFAULT_BUDGET, LABELS, plan
+from attribution.analysis.choice import DEFAULT_BUDGET, LABELS, SUBSET, SUBSET_SETTINGS, plan
 from attribution.record.counterfactual import skip_stage_shuffled
 from attribution.record.evaluation import final_model
 from attribution.record.trajectory import Trajectory
+from estimators import build
 from experiments.sections import SectionError, provenance, publish
 
 SECTION = "calibration"
-ESTIMATOR = "subset:0.25"
+ESTIMATOR = build(SUBSET, SUBSET_SETTINGS).label
+"""The subset replay ``auto`` answers with, as the fidelity study's rows name it."""
 BEHAVIOR = "test_loss"
 GOOD = 0.9
 
@@ -69,7 +72,7 @@ def cases(run: Path) -> list[Case]:
         return []
     traj = Trajectory.open(run / "trajectory")
     behaviors = {BEHAVIOR: load_behaviors(run / "behaviors.yaml")[BEHAVIOR]}
-    labels = audit(traj, ESTIMATOR, behaviors).labels
+    labels = audit(traj, SUBSET, behaviors, settings=SUBSET_SETTINGS).labels
     out = []
     for stage in traj.names[:-1]:
         row = rows[stage]
@@ -266,7 +269,7 @@ def section(dirs: Sequence[Path], command: str) -> str:
             status=2,
         )
     detail = [
-        "| run | stage | label | agreement of the halves | Pearson | sign right |",
+        "| run | stage | label | agreement of the replicas | Pearson | sign right |",
         "|---|---|---|---|---|---|",
         *(
             f"| {c.run} | {c.stage} | {c.label} | "

@@ -177,8 +177,9 @@ def audit_targets(rows: Sequence[Row]) -> list[str]:
             continue
 
         cheap = [k for k in scores if scores[k][2] <= AUDIT_COST]
-        runs = len({r["run"] for r in config})
-        head = f"- `later={later}`, `lr_scale={scale:g}`, {stages} stages ({runs} runs):"
+        seeds = len({r["seed"] for r in config})
+        seeds_text = f"{seeds} seed{'s' * (seeds > 1)}"
+        head = f"- `later={later}`, `lr_scale={scale:g}`, {stages} stages ({seeds_text}):"
         if cheap:
             best = max(cheap, key=lambda k: min(scores[k][:2]))
             finetune, pretrain, cost = scores[best]

@@ -279,8 +279,8 @@ def _effects(data: Mapping[str, Any], stages: list[str], behaviors: Mapping[str,
         f'<table id="effects-table"><thead><tr><th>stage</th>{head}<th>trust</th>'
         f"<th>evidence for the label</th></tr></thead>\n<tbody>{''.join(rows)}</tbody></table>\n"
         "<p><small>Labels: <b>exact</b> the truth, or the last stage read out exactly; "
-        "<b>reliable</b> / <b>uncertain</b> / <b>unreliable</b> from how well two independent "
-        "half-budget replays agree per example (subset replays), or <b>unreliable</b> for an "
+        "<b>reliable</b> / <b>uncertain</b> / <b>unreliable</b> from how well a subset replay's "
+        "independent replicas agree per example, or <b>unreliable</b> for an "
         "estimator that does not replay the later stages on a stage before the last "
         "(docs/design.md, section 5b).</small></p>"
     )

@@ -171,15 +171,17 @@ def continue_stage(
     return train_stage(model, record, steps, state, on_step, compute=compute, merge=merge)
 
 
-def step_seconds(traj: Trajectory, j: int, probe: int = 3, fraction: float = 1.0) -> float:
+def step_seconds(
+    traj: Trajectory, j: int, probe: int = 3, fraction: float = 1.0, merge: int = 1
+) -> float:
     """Wall seconds per training step of stage j, measured by replaying its first ``probe``
-    steps from its start with the recorded thread count, each on the first ``fraction`` of its
-    batch (at least one example); the first step, which pays for warm-up, is not counted when
-    there are more. What the audit predicts retraining (``fraction`` 1) and subset replays
-    from: a step's cost is not proportional to its examples (the optimizer step and the
-    per-operation overhead stay)."""
+    runs of ``merge`` steps (``train_stage``) from its start with the recorded thread count,
+    each step on the first ``fraction`` of its batch (at least one example); the first run,
+    which pays for warm-up, is not counted when there are more. What the audit predicts
+    retraining (``fraction`` 1) and subset replays from: a step's cost is not proportional to
+    its examples (the optimizer step and the per-operation overhead stay)."""
     record, log = traj.stages[j], traj.steps(j)
-    n = min(probe, log.num_steps)
+    n = min(probe * merge, log.num_steps)
     batches = [log.batch(t) for t in range(n)]
     batches = [b[: max(1, round(fraction * len(b)))] for b in batches]
     steps = StepLog.from_batches(log.lr[:n].tolist(), batches)
@@ -188,9 +190,18 @@ def step_seconds(traj: Trajectory, j: int, probe: int = 3, fraction: float = 1.0
     times: list[float] = []
     with recorded_threads(traj):
         times.append(time.perf_counter())
-        continue_stage(model, record, steps, previous, lambda *_: times.append(time.perf_counter()))
+        continue_stage(
+            model,
+            record,
+            steps,
+            previous,
+            lambda *_: times.append(time.perf_counter()),
+            merge=merge,
+        )
+    # a run's steps report together at its end: the spans are a run's seconds, then zeros
     spans = [b - a for a, b in itertools.pairwise(times)]
-    return sum(spans[1:]) / (len(spans) - 1) if len(spans) > 1 else spans[0]
+    counted = spans[merge:] if len(spans) > merge else spans
+    return sum(counted) / len(counted)
 
 
 def train_stage(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,7 @@ from attribution.record.counterfactual import as_model, skip_stage
 from attribution.record.recorder import Recorder
 from attribution.record.references import Ref
 from attribution.record.trajectory import Trajectory
+from estimators import build
 from experiments.data import mnist
 from experiments.models import MLP
 
@@ -44,8 +46,16 @@ FIXED = 0.05
 
 
 def step_model(fixed: float):
-    """A training step on a share f of its batch takes 10 ms x (fixed + (1 - fixed) f)."""
-    return lambda traj, j, fraction=1.0: 0.01 * (fixed + (1 - fixed) * fraction)
+    """A training step on a share f of its batch, m steps to a gradient, takes
+    10 ms x (fixed / m + (1 - fixed) f)."""
+    return lambda traj, j, fraction=1.0, merge=1: 0.01 * (fixed / merge + (1 - fixed) * fraction)
+
+
+def replay_share(fixed: float = FIXED) -> float:
+    """The audit's subset replay (its replicas) in the truth's steps, under
+    ``step_model(fixed)``."""
+    share, m = choice.SUBSET_BUDGET, choice.SUBSET_MERGE
+    return choice.SUBSET_REPLICAS * (fixed / m + (1 - fixed) * share)
 
 
 @pytest.fixture
@@ -64,22 +74,20 @@ def predicted_truth(traj: Trajectory, per_step: float) -> float:
 def test_a_subset_replay_is_predicted_from_steps_on_its_share_of_the_batches(run_copy, per_step):
     traj = Trajectory.open(run_copy, cache=False)
     truth = predicted_truth(traj, per_step)
-    share = choice.SUBSET_BUDGET
-    replay, check = FIXED + (1 - FIXED) * share, 2 * (FIXED + (1 - FIXED) * share / 2)
-    expected = truth * (replay + check)  # the replay and its two half-budget replays
     decided = plan(traj, budget=0.8 * truth)
-    assert decided.predicted_seconds["subset:0.25"] == pytest.approx(expected)
+    assert decided.predicted_seconds[choice.SUBSET] == pytest.approx(truth * replay_share())
 
 
 def test_where_steps_cost_the_same_whatever_their_batch_no_subset_replay_is_chosen(
     run_copy, monkeypatch
 ):
-    monkeypatch.setattr(choice, "step_seconds", step_model(1.0))
+    monkeypatch.setattr(choice, "step_seconds", lambda traj, j, fraction=1.0, merge=1: 0.01)
     traj = Trajectory.open(run_copy, cache=False)
     truth = predicted_truth(traj, 0.01)
     decided = plan(traj, budget=0.99 * truth)
-    assert decided.predicted_seconds["subset:0.25"] == pytest.approx(3 * truth)
-    assert decided.estimator == "e1" and "a subset replay" in decided.reason
+    expected = choice.SUBSET_REPLICAS * truth  # every replica pays every step in full
+    assert decided.predicted_seconds[choice.SUBSET] == pytest.approx(expected)
+    assert decided.estimator == "e1" and "subset replays" in decided.reason
 
 
 def test_auto_answers_with_the_truth_when_it_fits_the_budget(run_copy, behaviors, per_step):
@@ -100,14 +108,20 @@ def test_auto_answers_with_the_truth_when_it_fits_the_budget(run_copy, behaviors
         torch.testing.assert_close(got, truth.double(), rtol=0, atol=1e-6)
 
 
-def test_over_budget_a_subset_replay_is_labelled_by_two_independent_replays(
+def test_over_budget_a_subset_replay_is_labelled_by_its_independent_replicas(
     run_copy, behaviors, per_step
 ):
     traj = Trajectory.open(run_copy, cache=False)
-    subset = plan(traj, 0.0).predicted_seconds["subset:0.25"]
+    subset = plan(traj, 0.0).predicted_seconds[choice.SUBSET]
     result = audit(traj, "auto", behaviors, budget=1.01 * subset)  # the truth for no stage fits
-    assert result.plan.estimator == "subset:0.25" and result.plan.settings == {"exact": []}
+    assert result.plan.estimator == choice.SUBSET
+    assert result.plan.settings == {**choice.SUBSET_SETTINGS, "exact": []}
+    estimator = build(choice.SUBSET, result.plan.settings)
+    assert result.estimator.label == estimator.label == "subset:0.25(merge=2, replicas=2)"
     assert "--budget" in result.plan.better
+    # the agreement is the Pearson of the two replicas' per-example effects, each audited alone
+    loss = {"test_loss": behaviors["test_loss"]}
+    alone = [audit(traj, estimator.replica(i), loss).behaviors["test_loss"] for i in (0, 1)]
     *earlier, last = traj.names
     assert result.labels[last].label == "exact"
     for stage in earlier:
@@ -121,6 +135,8 @@ def test_over_budget_a_subset_replay_is_labelled_by_two_independent_replays(
             else "unreliable"
         )
         assert label.label == expected and f"{label.agreement:.2f}" in label.evidence
+        first, second = (np.array(a.effects[stage]) for a in alone)
+        assert label.agreement == pytest.approx(np.corrcoef(first, second)[0, 1], abs=1e-9)
 
 
 def test_below_every_replay_e1_answers_and_says_it_is_unreliable(run_copy, behaviors, per_step):
@@ -186,8 +202,8 @@ def test_a_check_replay_that_diverges_labels_the_estimates_unreliable(
     traj = Trajectory.open(run_copy, cache=False)  # nothing stored: every replay runs
     real = subset.Subset.offsets
 
-    def diverging(self, traj, counts):
-        if self.arguments.budget < 0.5:
+    def diverging(self, traj, counts):  # the estimate's own replay runs; the check's does not
+        if self.arguments.seed > 0:
             raise TrainingError("stage 'adapt' step 3: the loss is nan. Fix: lower the rate")
         return real(self, traj, counts)
 
@@ -203,14 +219,14 @@ def test_the_later_stages_whose_retraining_fits_are_exact_beside_a_subset_replay
     traj = Trajectory.open(run_copy, cache=False)
     first, second, _ = traj.names
     steps = [r.num_steps for r in traj.stages]
-    share = choice.SUBSET_BUDGET
-    check = (FIXED + (1 - FIXED) * share) + 2 * (FIXED + (1 - FIXED) * share / 2)
+    check = replay_share()
     retrain_second = per_step * steps[2]
     replay_first = per_step * (steps[1] + steps[2]) * check
     budget = 1.01 * (retrain_second + replay_first)
     assert budget < predicted_truth(traj, per_step)  # the premise: the whole truth does not fit
     decided = plan(traj, budget)
-    assert (decided.estimator, dict(decided.settings)) == ("subset:0.25", {"exact": [second]})
+    merged = {**choice.SUBSET_SETTINGS, "exact": [second]}
+    assert (decided.estimator, dict(decided.settings)) == (choice.SUBSET, merged)
     assert f"retraining without {second}" in decided.reason
     result = audit(traj, "auto", behaviors, budget=budget)
     assert result.labels[second].label == "exact" and "the truth" in result.labels[second].evidence
@@ -220,4 +236,4 @@ def test_the_later_stages_whose_retraining_fits_are_exact_beside_a_subset_replay
         result.behaviors["test_loss"].effects[second]
         == truth.behaviors["test_loss"].effects[second]
     )
-    assert result.to_json()["plan"]["settings"] == {"exact": [second]}
+    assert result.to_json()["plan"]["settings"] == merged

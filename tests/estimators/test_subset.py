@@ -195,3 +195,18 @@ def test_merge_shares_gradients_and_counts_them():
         not torch.equal(plain.offsets[stage][n], merged.offsets[stage][n])
         for n in plain.offsets[stage]
     )
+
+
+def test_replicas_average_independent_replays_and_are_stored_for_the_check(tmp_path):
+    traj = three_stage()
+    averaged = Subset(budget=0.25, replicas=3, seed=5).embed(traj)
+    singles = [Subset(budget=0.25, seed=5 + i).embed(traj) for i in range(3)]
+    for stage, offset in averaged.offsets.items():
+        for name, value in offset.items():
+            mean = (singles[0].offsets[stage][name] + singles[1].offsets[stage][name]) + singles[
+                2
+            ].offsets[stage][name]
+            torch.testing.assert_close(value, mean / 3, rtol=0, atol=1e-15)
+    assert averaged.counts["examples"] == 3 * singles[0].counts["examples"]
+    assert build("subset", {"replicas": 2}).label == "subset:0.25(replicas=2)"
+    assert Subset(replicas=2, seed=4).replica(1).settings() == Subset(seed=5).settings()

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from attribution.analysis.choice import SUBSET, SUBSET_SETTINGS
+from estimators import build
 from experiments.calibration_report import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -15,18 +17,21 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_labels_are_set_against_the_truth_the_run_measured(tmp_path, capsys):
     run = tmp_path / "run"
+    settings = ", ".join(f"{k}: {v}" for k, v in SUBSET_SETTINGS.items())
     command = [
         sys.executable,
         "-m",
         "experiments.run",
         "experiment=fidelity",
         "preset=fidelity_smoke",
-        "estimators=[subset]",
+        f"estimators=[{SUBSET}]",
         "readouts=[evaluated]",
         "baselines=[]",
+        "peers=[]",
         "ceiling=2",
         "plots=false",
         "~settings",
+        f"+settings={{subset: {{{settings}}}}}",
         f"hydra.run.dir={run}",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -38,13 +43,12 @@ def test_labels_are_set_against_the_truth_the_run_measured(tmp_path, capsys):
     assert (
         "| label | stage estimates |" in text and "python -m experiments.calibration_report" in text
     )
+    label = build(SUBSET, SUBSET_SETTINGS).label  # the audit's subset replay, as rows name it
     rows = json.loads((run / "fidelity.json").read_text())["rows"]
     truth = {
         r["stage"]: r["pearson"]
         for r in rows
-        if r["estimator"] == "subset:0.25"
-        and r["readout"] == "evaluated"
-        and r["behavior"] == "test_loss"
+        if r["estimator"] == label and r["readout"] == "evaluated" and r["behavior"] == "test_loss"
     }
     for stage in ("pretrain", "finetune"):  # every stage before the last, with its truth
         line = next(x for x in text.splitlines() if x.startswith(f"| {run} | {stage} |"))
@@ -57,7 +61,7 @@ def test_labels_are_set_against_the_truth_the_run_measured(tmp_path, capsys):
     summary = next(x for x in text.splitlines() if x.startswith("3 aggregate outputs"))
     assert f"{3 * 3} stage effects of which" in summary and f"agree in sign on {agreed};" in summary
     group = json.loads((run / "fidelity.json").read_text())["group_rows"]
-    subset = [r for r in group if r["estimator"] == "subset:0.25"]
+    subset = [r for r in group if r["estimator"] == label]
     ranked = len({r["output"] for r in subset if r["ranking_matches"]})
     assert f"for {ranked} of the 3 outputs" in summary
     # with the truth for every stage after the first, only pretrain is estimated
