@@ -55,10 +55,9 @@ SUBSET_MERGE = 2
 """Consecutive steps sharing one gradient in the audit's subset replay (``Subset``'s
 ``merge``)."""
 SUBSET_REPLICAS = 2
-"""Independent replays the audit's subset replay averages; their agreement is its label.
-Two replicas of a quarter of the examples, two steps to a gradient, came closer to the truth
-than one replay of a quarter with a gradient per step, in fewer seconds, on the calibration
-sweep (docs/results.md)."""
+"""Independent replays the audit's subset replay averages; their agreement is its label, so the
+check costs nothing beyond the estimate (a one-replica estimate needs one more replay for it).
+Their fidelity and seconds beside the one-replica replays: docs/results.md."""
 SUBSET_SETTINGS = {"merge": SUBSET_MERGE, "replicas": SUBSET_REPLICAS}
 SUBSET = f"subset:{SUBSET_BUDGET}"
 
@@ -161,7 +160,7 @@ def plan(
     if truth <= budget:
         return Plan(
             "truth",
-            f"retraining without each stage is predicted to take {truth:.1f} s, within the "
+            f"retraining without each stage is predicted to take {truth:.3g} s, within the "
             f"budget of {budget:g} s: the answer is exact",
             predicted,
             budget,
@@ -178,22 +177,22 @@ def plan(
         if cost > budget:
             continue
         reason = (
-            f"retraining is predicted to take {truth:.1f} s, over the budget of {budget:g} s; "
+            f"retraining is predicted to take {truth:.3g} s, over the budget of {budget:g} s; "
             f"{SUBSET_REPLICAS} subset replays of {SUBSET_BUDGET:.0%} of the later examples, "
             f"{SUBSET_MERGE} steps to a gradient, averaged and checked against each other, are "
-            f"predicted at {subset:.1f} s"
+            f"predicted at {subset:.3g} s"
         )
         if exact:
             predicted[f"{SUBSET} with the truth for {', '.join(exact)}"] = cost
             reason += (
                 f"; retraining without {', '.join(exact)} (whose later steps are few) and "
-                f"replaying the rest, {cost:.1f} s, fits: {', '.join(exact)} exact"
+                f"replaying the rest, {cost:.3g} s, fits: {', '.join(exact)} exact"
             )
         settings = {**SUBSET_SETTINGS, "exact": list(exact)}
         return Plan(SUBSET, reason, predicted, budget, better, settings)
     return Plan(
         "e1",
-        f"retraining ({truth:.1f} s) and {SUBSET_REPLICAS} subset replays ({subset:.1f} s) are "
+        f"retraining ({truth:.3g} s) and {SUBSET_REPLICAS} subset replays ({subset:.3g} s) are "
         f"predicted over the budget of {budget:g} s; E1 costs next to nothing",
         predicted,
         budget,
