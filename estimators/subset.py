@@ -32,9 +32,9 @@ cut (a step's optimizer update and per-operation overhead stay). Where the gradi
 little over m steps this costs little fidelity; docs/results.md measures it.
 
 ``replicas = r`` > 1 averages r independent replays (subset seeds ``seed``, ``seed + 1``, ...):
-the embedding is the mean of their displacements, which halves the subsampling's variance at
-r times the cost. Each replica is ``replica(i)``, a stored one-replica estimator, so that the
-audit's reliability check, which compares the replicas, reuses them instead of replaying again.
+the embedding is the mean of their displacements, which divides the subsampling's variance by
+r, at r times the cost. Each replica is ``replica(i)``, a stored one-replica estimator, so that
+the audit's reliability check, which compares the replicas, reuses them instead of replaying.
 
 ``exact`` names stages whose embedding is the truth instead (retraining without them,
 ``attribution.record.counterfactual.skip_stage``, stored and reused): the audit asks for it when

@@ -66,10 +66,10 @@ Readout = Callable[..., dict[str, Tensor]]
 
 @dataclass(frozen=True)
 class Plan:
-    """The method ``auto`` chose (a registry name: ``truth``, ``subset:0.5``, ``e1``), why,
+    """The method ``auto`` chose (a registry name: ``truth``, ``subset:0.25``, ``e1``), why,
     the predicted seconds it weighed (``truth``: retraining without every stage, 0 for stored
     ones), the budget, what would make the answer better, and the method's settings (a subset
-    replay's ``merge``, and its ``exact``: the stages retrained exactly because their
+    replay's ``SUBSET_SETTINGS``, and its ``exact``: the stages retrained exactly because their
     retraining fits)."""
 
     estimator: str
