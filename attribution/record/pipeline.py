@@ -175,13 +175,14 @@ def step_seconds(
     traj: Trajectory, j: int, probe: int = 3, fraction: float = 1.0, merge: int = 1
 ) -> float:
     """Wall seconds per training step of stage j, measured by replaying its first ``probe``
-    runs of ``merge`` steps (``train_stage``) from its start with the recorded thread count,
-    each step on the first ``fraction`` of its batch (at least one example); the first run,
-    which pays for warm-up, is not counted when there are more. What the audit predicts
-    retraining (``fraction`` 1) and subset replays from: a step's cost is not proportional to
-    its examples (the optimizer step and the per-operation overhead stay)."""
+    whole runs of ``merge`` steps (``train_stage``; fewer if the stage is shorter, at least
+    one) from its start with the recorded thread count, each step on the first ``fraction`` of
+    its batch (at least one example); the first run, which pays for warm-up, is not counted
+    when there are more. What the audit predicts retraining (``fraction`` 1) and subset replays
+    from: a step's cost is not proportional to its examples (the optimizer step and the
+    per-operation overhead stay)."""
     record, log = traj.stages[j], traj.steps(j)
-    n = min(probe * merge, log.num_steps)
+    n = min(max(1, min(probe, log.num_steps // merge)) * merge, log.num_steps)
     batches = [log.batch(t) for t in range(n)]
     batches = [b[: max(1, round(fraction * len(b)))] for b in batches]
     steps = StepLog.from_batches(log.lr[:n].tolist(), batches)

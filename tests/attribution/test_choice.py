@@ -237,3 +237,27 @@ def test_the_later_stages_whose_retraining_fits_are_exact_beside_a_subset_replay
         == truth.behaviors["test_loss"].effects[second]
     )
     assert result.to_json()["plan"]["settings"] == merged
+
+
+@pytest.mark.parametrize("merge", [1, 2])
+def test_step_seconds_charges_each_step_its_share_of_a_merged_run(run_copy, monkeypatch, merge):
+    """On a clock where a gradient (one run of ``merge`` steps, which report together at its
+    end) takes 1 s whatever its batch, and the first run 10 s (warm-up, not counted), a step
+    costs 1 / merge s; ``probe`` whole runs are replayed, as many as the stage's 5 steps hold."""
+    from attribution.record import pipeline
+
+    clock, runs = [0.0], []
+
+    def fake_stage(model, record, steps, previous, on_step, merge=1):
+        runs.append(steps.num_steps)
+        for first in range(0, steps.num_steps, merge):
+            clock[0] += 10.0 if first == 0 else 1.0
+            for t in range(first, min(first + merge, steps.num_steps)):
+                on_step(record.name, t, steps.num_steps, 0.0)
+
+    monkeypatch.setattr(pipeline, "continue_stage", fake_stage)
+    monkeypatch.setattr(pipeline.time, "perf_counter", lambda: clock[0])
+    traj = Trajectory.open(run_copy, cache=False)
+    assert traj.stages[1].num_steps == 5
+    assert pipeline.step_seconds(traj, 1, probe=3, merge=merge) == pytest.approx(1 / merge)
+    assert runs == [{1: 3, 2: 4}[merge]]
