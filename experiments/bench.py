@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from torch.func import grad, vmap
 
 from attribution.analysis.audit import READOUTS
-from attribution.analysis.choice import SUBSET_BUDGET, SUBSET_SETTINGS
+from attribution.analysis.choice import subset_replay
 from attribution.analysis.readout import evaluated_effects, linear_effects
 from attribution.record.counterfactual import check_skippable, retrain_after
 from attribution.record.evaluation import (
@@ -90,7 +90,7 @@ def retrain_without_each_stage(traj: Trajectory) -> None:
         retrain_after(traj, k, traj.checkpoint(k, "start"), carried)
 
 
-AUDIT_REPLAY = Subset(budget=SUBSET_BUDGET, **SUBSET_SETTINGS).label
+AUDIT_REPLAY = subset_replay().label
 """The subset replay ``stagetrace audit`` answers with when the truth is over its budget."""
 METHODS: dict[str, Callable[[Trajectory], Any]] = {
     "ground truth": retrain_without_each_stage,
@@ -108,7 +108,7 @@ METHODS: dict[str, Callable[[Trajectory], Any]] = {
     "subset:0.25(merge=2)": Subset(budget=0.25, merge=2).embed,
     "subset:0.25(merge=4)": Subset(budget=0.25, merge=4).embed,
     "subset:0.5(merge=2)": Subset(budget=0.5, merge=2).embed,
-    AUDIT_REPLAY: Subset(budget=SUBSET_BUDGET, **SUBSET_SETTINGS).embed,
+    AUDIT_REPLAY: subset_replay().embed,
 }
 """What table (i) measures, by the name it shows; ``embed``, never ``stored_embeddings``. The
 subset replays at 0.1 and 0.02 show its cost floor: every later step still runs (its optimizer

@@ -2,20 +2,19 @@
 
 ``python -m experiments.calibration_report DIR [DIR ...] [--out docs/results.md]`` reads every
 fidelity run under the directories (``fidelity.json`` beside a ``trajectory/``), audits it as
-``stagetrace audit`` would with the subset replay ``auto`` uses (``choice.SUBSET`` with
-``choice.SUBSET_SETTINGS``; the same embeddings, stored by the run, and the label's check: the
-agreement of its independent replicas), and compares each stage's label with
-the truth the run measured: the per-example Pearson of the estimate (evaluated read-out,
-per-example test loss) and whether the sign of the mean effect is right. It prints, and with
-``--out`` writes between ``<!-- calibration:start -->`` and ``<!-- calibration:end -->``, one
-table row per label: how many stage estimates got it, how often Pearson >= 0.9, how often the
-sign was right. Then, for the aggregate behaviours (group means and gaps) of runs that hold
-the noise ceiling's retrainings: in how many stage effects the recorded retraining and the
-reshuffled ones agree on the sign, how often the estimate's sign is right there, and how often
-the estimate orders the stages as the truth does. Last, what ``stagetrace audit RUN`` itself
-chooses on each run at the default budget (``choice.plan``), the retraining's seconds predicted
-as if nothing were stored. Exit 2 without runs.
-"""
+``stagetrace audit`` would with the subset replay ``auto`` uses (``choice.subset_replay``; the
+same embeddings, stored by the run, and the label's check: the agreement of its independent
+replicas), and compares each stage's label with the truth the run measured: the per-example
+Pearson of the estimate (evaluated read-out, per-example test loss) and whether the sign of the
+mean effect is right. It prints, and with ``--out`` writes between
+``<!-- calibration:start -->`` and ``<!-- calibration:end -->``, one table row per label: how
+many stage estimates got it, how often Pearson >= 0.9, how often the sign was right. Then, for
+the aggregate behaviours (group means and gaps) of runs that hold the noise ceiling's
+retrainings: in how many stage effects the recorded retraining and the reshuffled ones agree on
+the sign, how often the estimate's sign is right there, and how often the estimate orders the
+stages as the truth does. Last, what ``stagetrace audit RUN`` itself chooses on each run at the
+default budget (``choice.plan``), the retraining's seconds predicted as if nothing were stored.
+Exit 2 without runs."""
 
 from __future__ import annotations
 
@@ -33,15 +32,14 @@ import numpy as np
 from attribution.analysis import metrics
 from attribution.analysis.audit import audit, load_behaviors
 from attribution.analysis.behaviors import Behavior
-from attribution.analysis.choice import DEFAULT_BUDGET, LABELS, SUBSET, SUBSET_SETTINGS, plan
+from attribution.analysis.choice import DEFAULT_BUDGET, LABELS, plan, subset_replay
 from attribution.record.counterfactual import skip_stage_shuffled
 from attribution.record.evaluation import final_model
 from attribution.record.trajectory import Trajectory
-from estimators import build
 from experiments.sections import SectionError, provenance, publish
 
 SECTION = "calibration"
-ESTIMATOR = build(SUBSET, SUBSET_SETTINGS).label
+ESTIMATOR = subset_replay().label
 """The subset replay ``auto`` answers with, as the fidelity study's rows name it."""
 BEHAVIOR = "test_loss"
 GOOD = 0.9
@@ -72,7 +70,7 @@ def cases(run: Path) -> list[Case]:
         return []
     traj = Trajectory.open(run / "trajectory")
     behaviors = {BEHAVIOR: load_behaviors(run / "behaviors.yaml")[BEHAVIOR]}
-    labels = audit(traj, SUBSET, behaviors, settings=SUBSET_SETTINGS).labels
+    labels = audit(traj, subset_replay(), behaviors).labels
     out = []
     for stage in traj.names[:-1]:
         row = rows[stage]

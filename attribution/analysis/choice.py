@@ -61,6 +61,12 @@ Their fidelity and seconds beside the one-replica replays: docs/results.md."""
 SUBSET_SETTINGS = {"merge": SUBSET_MERGE, "replicas": SUBSET_REPLICAS}
 SUBSET = f"subset:{SUBSET_BUDGET}"
 
+
+def subset_replay() -> Estimator:
+    """The audit's subset replay as ``auto`` builds it (before any ``exact`` stages)."""
+    return build(SUBSET, SUBSET_SETTINGS)
+
+
 Readout = Callable[..., dict[str, Tensor]]
 
 

@@ -285,8 +285,9 @@ def train_stage(
                     torch.nn.utils.clip_grad_norm_(clipped, record.clip_grad_norm)
                 steps_with_frozen_gradient(optimizer, steps.lr[first : block.stop].tolist())
                 if on_step is not None:
+                    value = loss.item()
                     for t in block:
-                        on_step(record.name, t, steps.num_steps, loss.item())
+                        on_step(record.name, t, steps.num_steps, value)
         final = state_by_name(optimizer, names)
     finally:
         _restore(model, native)

@@ -8,8 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from attribution.analysis.choice import SUBSET, SUBSET_SETTINGS
-from estimators import build
+from attribution.analysis.choice import SUBSET, SUBSET_SETTINGS, subset_replay
 from experiments.calibration_report import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,7 +42,7 @@ def test_labels_are_set_against_the_truth_the_run_measured(tmp_path, capsys):
     assert (
         "| label | stage estimates |" in text and "python -m experiments.calibration_report" in text
     )
-    label = build(SUBSET, SUBSET_SETTINGS).label  # the audit's subset replay, as rows name it
+    label = subset_replay().label  # the audit's subset replay, as rows name it
     rows = json.loads((run / "fidelity.json").read_text())["rows"]
     truth = {
         r["stage"]: r["pearson"]
